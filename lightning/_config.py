@@ -1,0 +1,141 @@
+"""Configuration: frozen msgspec Structs, from keyword arguments, environment or TOML.
+
+Every field of :class:`RuntimeConfig` can be set from the environment as
+``LIGHTNING_<FIELD>`` (for example ``LIGHTNING_DAEMON=tcp://10.0.0.5:5555`` or
+``LIGHTNING_MAX_QUEUE_EVENTS=50000``); keyword arguments given to ``lightning.init`` win
+over the environment. Unknown keys are an error, never silently ignored.
+"""
+
+# No `from __future__ import annotations`: msgspec resolves these annotations at
+# runtime, and lightning/__init__.py re-homes public classes to the `lightning` module.
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from ._errors import ConfigError
+
+__all__ = ["DaemonConfig", "RuntimeConfig"]
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+def _default_spill_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return os.path.join(base, "lightning", "spill")
+
+
+class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of the app-side runtime."""
+
+    daemon: str = DEFAULT_ADDRESS
+    """Address of the daemon: tcp://HOST:PORT or ipc://PATH."""
+    spill_dir: str = ""
+    """Directory of the local spill log ('' = $XDG_CACHE_HOME/lightning/spill)."""
+    max_queue_events: int = 100_000
+    """Events held in memory before new ones spill to disk."""
+    max_queue_bytes: int = 256 << 20
+    """Bytes held in memory before new events spill to disk."""
+    max_batch_events: int = 512
+    """Most events per frame."""
+    max_batch_bytes: int = 1 << 20
+    """Most bytes per frame (a single larger event still travels alone)."""
+    max_inflight_frames: int = 16
+    """Frames sent but not yet acknowledged, per stream."""
+    heartbeat_s: float = 1.0
+    """Ping interval while idle."""
+    peer_timeout_s: float = 5.0
+    """Silence from the daemon after which the runtime says Hello again."""
+    shutdown_grace_s: float = 5.0
+    """How long shutdown() waits for acknowledgements before spilling the rest to disk."""
+    outside_rollout: Literal["warn", "ignore", "raise"] = "warn"
+    """What emit_reward/record_transition/span do outside a rollout."""
+    curve_server_key: str = ""
+    """The daemon's CURVE public key (Z85 or path to its NAME.key) for non-loopback daemons."""
+    curve_secret_key_file: str = ""
+    """This client's CURVE NAME.key_secret file."""
+    replay_orphans: bool = True
+    """Replay spill logs left behind by dead processes of this machine on start."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue_events", "max_queue_bytes", "max_batch_events",
+                     "max_batch_bytes", "max_inflight_frames"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("heartbeat_s", "peer_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+
+    @property
+    def resolved_spill_dir(self) -> str:
+        return self.spill_dir or _default_spill_dir()
+
+
+class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of the daemon's ingest side."""
+
+    bind: str = DEFAULT_ADDRESS
+    """Where clients connect: tcp://HOST:PORT (port 0 picks a free one) or ipc://PATH."""
+    backend: str = "torch"
+    """Training backend: torch, verl or deepspeed."""
+    data_dir: str = "lightning-data"
+    """Write-ahead log and cursor of the trajectory store."""
+    max_frame_bytes: int = 64 << 20
+    """Frames above this size are refused with a nack."""
+    heartbeat_s: float = 1.0
+    buffer_size: int = 10_000
+    """Completed trajectories waiting for the consumer before clients are told to wait."""
+    fsync: Literal["never", "always"] = "never"
+    """'never': acknowledge once the OS has the data (survives a killed daemon);
+    'always': fsync before acknowledging (survives power loss, much slower)."""
+    max_finished_remembered: int = 1_000_000
+    """Finished rollout ids remembered to tell 'finished' from 'unknown' rollouts."""
+    curve_secret_key_file: str = ""
+    curve_authorized_keys: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stats_interval_s: float = 30.0
+    """Interval of the ``daemon.stats`` log line (0 disables it)."""
+
+    def __post_init__(self) -> None:
+        if self.max_frame_bytes < 1024:
+            raise ConfigError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
+        if self.buffer_size < 1:
+            raise ConfigError(f"buffer_size must be >= 1, got {self.buffer_size}")
+
+
+def from_env(cls: type, overrides: dict[str, Any], prefix: str = "LIGHTNING_") -> Any:
+    """Build ``cls`` from ``LIGHTNING_*`` variables, then keyword overrides."""
+    fields = {f.name for f in msgspec.structs.fields(cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"valid settings: {', '.join(sorted(fields))}"
+        )
+    values: dict[str, Any] = {}
+    for name in fields:
+        raw = os.environ.get(prefix + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid {cls.__name__} setting: {exc}") from exc
+
+
+def load_toml(path: str | os.PathLike, cls: type) -> Any:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+    try:
+        return msgspec.toml.decode(data, type=cls)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config file {str(path)!r}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc

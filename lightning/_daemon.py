@@ -1,0 +1,354 @@
+"""The daemon's ingest service: receive, validate, de-duplicate, store, acknowledge.
+
+For every frame: size check -> decode -> session check -> gap check -> append the frame
+to the write-ahead log and hand it to the OS (``fsync`` optional) -> apply it to the
+:class:`~lightning._ingest.IngestState` -> acknowledge. A frame is acknowledged only
+after it is in the log, so a killed daemon never loses an acknowledged event; on start the
+log is replayed through the same state machine, which rebuilds the de-duplication marks
+and the open and finished rollouts exactly.
+
+Completed trajectories go to :attr:`Daemon.buffer`, which an in-process consumer (the
+trainer) reads. The consumer calls :meth:`TrajectoryBuffer.commit` for what it has used;
+the commit point is persisted, so a restarted daemon does not hand out used
+trajectories again. When the buffer is full, frames are refused with a retryable
+``busy`` nack: clients keep the data (in memory, then on disk) and retry.
+
+Bad input never stops the daemon: every refused frame or event gets a nack or a
+rejection with a reason, a log line and a counter, and the next frame is served.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskStatus
+
+from ._config import DaemonConfig
+from ._errors import ProtocolError
+from ._ingest import GapError, IngestState, Trajectory
+from ._log import AppendLog
+from ._protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Batch,
+    Error,
+    Hello,
+    Nack,
+    Ping,
+    Pong,
+    Welcome,
+    check_hello,
+    decode_message,
+    encode_message,
+)
+from ._transport.base import ServerTransport
+
+logger = structlog.get_logger()
+
+__all__ = ["Daemon", "TrajectoryBuffer", "recover"]
+
+
+class TrajectoryBuffer:
+    """Completed trajectories in completion order, for one in-process consumer."""
+
+    def __init__(self, max_size: int, *, on_commit=None) -> None:
+        self.max_size = max_size
+        self._items: deque[Trajectory] = deque()
+        self._event = anyio.Event()
+        self._on_commit = on_commit
+        self.committed_through = -1
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def full(self) -> bool:
+        return len(self._items) >= self.max_size
+
+    def put(self, traj: Trajectory) -> None:
+        self._items.append(traj)
+        self._event.set()
+
+    def get_nowait(self) -> Trajectory:
+        """Pop the oldest trajectory; raise ``anyio.WouldBlock`` if there is none."""
+        if not self._items:
+            raise anyio.WouldBlock
+        return self._items.popleft()
+
+    async def get(self) -> Trajectory:
+        while not self._items:
+            self._event = anyio.Event()
+            await self._event.wait()
+        return self._items.popleft()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Trajectory:
+        return await self.get()
+
+    def commit(self, index: int) -> None:
+        """Mark trajectories up to ``index`` as used: a restarted daemon skips them."""
+        if index > self.committed_through:
+            self.committed_through = index
+            if self._on_commit is not None:
+                self._on_commit(index)
+
+
+def recover(
+    data_dir: str | os.PathLike, *, max_finished_remembered: int = 1_000_000
+) -> tuple[IngestState, list[Trajectory], int]:
+    """Rebuild the ingest state from a data directory without starting a daemon.
+
+    Returns ``(state, trajectories not yet committed, committed_through)``. Used at
+    start-up and by tools and tests that inspect what a daemon stored.
+    """
+    state = IngestState(max_finished_remembered=max_finished_remembered)
+    wal_dir = Path(data_dir) / "wal"
+    committed = _read_cursor(Path(data_dir))
+    pending: list[Trajectory] = []
+    if not wal_dir.exists():
+        return state, pending, committed
+    decoder = msgspec.msgpack.Decoder(Batch)
+    log = AppendLog(wal_dir)
+    try:
+        for frame in log:
+            result = state.apply(decoder.decode(frame))
+            pending.extend(t for t in result.completed if t.index > committed)
+    finally:
+        log.close()
+    return state, pending, committed
+
+
+def _read_cursor(data_dir: Path) -> int:
+    try:
+        return int((data_dir / "cursor").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+class Daemon:
+    """Ingest service. ``addr = await tg.start(daemon.serve)``; read ``daemon.buffer``."""
+
+    def __init__(
+        self, config: DaemonConfig | None = None, *, transport: ServerTransport | None = None
+    ) -> None:
+        self.config = config or DaemonConfig()
+        self.daemon_id = uuid.uuid4().hex
+        self._transport = transport
+        self._data_dir = Path(self.config.data_dir)
+        self.state = IngestState(max_finished_remembered=self.config.max_finished_remembered)
+        self.buffer = TrajectoryBuffer(self.config.buffer_size, on_commit=self._write_cursor)
+        self.counters: Counter[str] = Counter()
+        self._sessions: dict[bytes, str] = {}
+        self._wal: AppendLog | None = None
+        self.address = ""
+
+    # ------------------------------------------------------------------ service
+
+    async def serve(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        self._recover()
+        self._wal = AppendLog(self._data_dir / "wal")
+        transport = self._transport
+        owned = transport is None  # a transport passed in is the caller's to close
+        if transport is None:
+            from ._transport.zmq import ZmqServerTransport
+
+            transport = ZmqServerTransport(
+                cfg.bind,
+                max_frame_bytes=cfg.max_frame_bytes,
+                heartbeat_ms=int(cfg.heartbeat_s * 1000),
+                curve_secret_key_file=cfg.curve_secret_key_file or None,
+                curve_authorized_keys=cfg.curve_authorized_keys or None,
+            )
+        self._transport = transport
+        self.address = transport.address
+        logger.info(
+            "daemon.listening",
+            address=self.address,
+            daemon_id=self.daemon_id,
+            data_dir=str(self._data_dir),
+            backend=cfg.backend,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                if cfg.stats_interval_s > 0:
+                    tg.start_soon(self._stats_loop)
+                task_status.started(self.address)
+                while True:
+                    peer, frame = await transport.recv()
+                    reply = self.handle(peer, frame)
+                    if reply is not None:
+                        transport.send(peer, reply)
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._wal.close()
+                if owned:
+                    await transport.aclose()
+                logger.info("daemon.stopped", **self.stats())
+
+    def _recover(self) -> None:
+        t0 = time.perf_counter()
+        state, pending, committed = recover(
+            self._data_dir, max_finished_remembered=self.config.max_finished_remembered
+        )
+        self.state = state
+        self.buffer.committed_through = committed
+        for t in pending:
+            self.buffer.put(t)
+        if state.completed or state.open:
+            logger.info(
+                "daemon.recovered",
+                trajectories=state.completed,
+                uncommitted=len(pending),
+                open_rollouts=len(state.open),
+                clients=len(state.hwm),
+                seconds=round(time.perf_counter() - t0, 3),
+            )
+
+    def _write_cursor(self, index: int) -> None:
+        tmp = self._data_dir / "cursor.tmp"
+        tmp.write_text(str(index))
+        os.replace(tmp, self._data_dir / "cursor")
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.stats_interval_s)
+            logger.info("daemon.stats", **self.stats())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            **self.state.counters,
+            "open_rollouts": len(self.state.open),
+            "buffered": len(self.buffer),
+            "sessions": len(self._sessions),
+        }
+
+    # ------------------------------------------------------------------ frames
+
+    def _nack(self, code: str, reason: str, **kw: Any) -> bytes:
+        self.counters["nacked." + code] += 1
+        if code not in ("busy", "gap", "no_session"):
+            logger.warning("daemon.frame_refused", code=code, reason=reason)
+        return encode_message(Nack(code=code, reason=reason, **kw))
+
+    def handle(self, peer: bytes, frame: bytes) -> bytes | None:
+        """Process one frame from ``peer``; return the reply frame, if any."""
+        self.counters["frames_received"] += 1
+        self.counters["bytes_received"] += len(frame)
+        if len(frame) > self.config.max_frame_bytes:
+            return self._nack(
+                "frame_too_large",
+                f"frame of {len(frame)} bytes exceeds the daemon's limit of "
+                f"{self.config.max_frame_bytes} (--max-frame-bytes)",
+            )
+        try:
+            msg = decode_message(frame)
+        except ProtocolError as exc:
+            return self._nack(exc.code, str(exc))
+        match msg:
+            case Batch():
+                return self._on_batch(peer, msg, frame)
+            case Hello():
+                return self._on_hello(peer, msg)
+            case Ping():
+                return encode_message(Pong(sent_at=msg.sent_at))
+            case _:
+                return self._nack(
+                    "unexpected_message",
+                    f"a client may not send {type(msg).__name__} to the daemon",
+                )
+
+    def _on_hello(self, peer: bytes, hello: Hello) -> bytes:
+        try:
+            check_hello(hello)
+        except ProtocolError as exc:
+            self.counters["nacked.protocol_version"] += 1
+            logger.error(
+                "daemon.protocol_version_mismatch",
+                client_id=hello.client_id,
+                client_version=hello.protocol_version,
+                daemon_version=PROTOCOL_VERSION,
+            )
+            return encode_message(Error(code=exc.code, message=str(exc)))
+        if not hello.client_id:
+            return self._nack("invalid", "Hello.client_id must not be empty")
+        if self._sessions.get(peer) != hello.client_id:
+            logger.info(
+                "daemon.client_connected",
+                client_id=hello.client_id,
+                host=hello.host,
+                pid=hello.pid,
+                library_version=hello.library_version,
+            )
+        self._sessions[peer] = hello.client_id
+        return encode_message(
+            Welcome(
+                protocol_version=PROTOCOL_VERSION,
+                daemon_id=self.daemon_id,
+                acked_through=self.state.hwm.get(hello.client_id, 0),
+                max_frame_bytes=self.config.max_frame_bytes,
+                heartbeat_s=self.config.heartbeat_s,
+            )
+        )
+
+    def _on_batch(self, peer: bytes, batch: Batch, frame: bytes) -> bytes:
+        cid = batch.client_id
+        if peer not in self._sessions:
+            return self._nack(
+                "no_session", "say Hello first", client_id=cid, retry=True
+            )
+        if batch.first_seq < 1 or not cid:
+            return self._nack("invalid", "Batch needs a client_id and first_seq >= 1")
+        state = self.state
+        if state.is_duplicate(batch):
+            self.counters["frames_duplicate"] += 1
+            state.counters["events_duplicate"] += len(batch.events)
+            return encode_message(Ack(client_id=cid, acked_through=state.hwm[cid]))
+        try:
+            state.check_gap(batch)
+        except GapError as gap:
+            return self._nack(
+                "gap",
+                f"expected sequence {gap.expected}, got {batch.first_seq}",
+                client_id=cid,
+                expected_seq=gap.expected,
+                retry=True,
+            )
+        if self.buffer.full():
+            return self._nack(
+                "busy",
+                f"{len(self.buffer)} trajectories wait for the trainer",
+                client_id=cid,
+                retry=True,
+                retry_after_s=0.5,
+            )
+        # Durability first: the frame reaches the OS (and the disk with fsync=always)
+        # before its events can change state or be acknowledged.
+        wal = self._wal
+        assert wal is not None
+        wal.append(frame)
+        if self.config.fsync == "always":
+            wal.sync()
+        else:
+            wal.flush()
+        result = state.apply(batch)
+        for traj in result.completed:
+            self.buffer.put(traj)
+        if result.rejected:
+            for r in result.rejected[:5]:
+                logger.warning(
+                    "daemon.event_rejected", client_id=cid, seq=r.seq, code=r.code, reason=r.reason
+                )
+        return encode_message(
+            Ack(client_id=cid, acked_through=result.acked_through, rejected=result.rejected)
+        )

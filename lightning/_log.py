@@ -1,0 +1,214 @@
+"""Append-only record logs on local disk: the client's spill log and the daemon's WAL.
+
+A log is a directory of segment files ``00000000000000000000.log``, named by the offset
+of their first record. A record is::
+
+    u32 little-endian payload length | u32 little-endian crc32(payload) | payload
+
+Appends go through one buffered file handle and reach the OS at :meth:`flush` (which is
+what a SIGKILL-safe acknowledgement needs); :meth:`sync` additionally fsyncs, for power
+loss. On open, a torn or corrupt tail (a crash in the middle of a write) is truncated
+away and reported; everything before it is intact by construction.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+logger = structlog.get_logger()
+
+_HEADER = struct.Struct("<II")
+_SUFFIX = ".log"
+
+
+class AppendLog:
+    """A segmented append-only log of byte records.
+
+    Not thread-safe: callers serialise access (the runtime holds its lock, the daemon
+    uses it from one task).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, segment_bytes: int = 64 << 20) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self._segments: list[Path] = sorted(self.directory.glob("*" + _SUFFIX))
+        self.truncated_bytes = 0
+        if self._segments:
+            self._repair_tail(self._segments[-1])
+        else:
+            self._segments.append(self.directory / f"{0:020d}{_SUFFIX}")
+        self._tail = self._segments[-1]
+        self._fh = open(self._tail, "ab")
+        self._tail_size = self._fh.tell()
+        self.records_appended = 0
+
+    # ----------------------------------------------------------------- writing
+
+    def append(self, payload: bytes) -> None:
+        if self._tail_size >= self.segment_bytes:
+            self._rotate()
+        self._fh.write(_HEADER.pack(len(payload), zlib.crc32(payload)))
+        self._fh.write(payload)
+        self._tail_size += _HEADER.size + len(payload)
+        self.records_appended += 1
+
+    def flush(self) -> None:
+        """Hand buffered records to the OS: they survive the process being killed."""
+        self._fh.flush()
+
+    def sync(self) -> None:
+        """Flush and fsync: records survive a machine crash too."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def _rotate(self) -> None:
+        self._fh.flush()
+        self._fh.close()
+        start = int(self._tail.stem) + self._tail_size
+        self._tail = self.directory / f"{start:020d}{_SUFFIX}"
+        self._segments.append(self._tail)
+        self._fh = open(self._tail, "ab")
+        self._tail_size = 0
+
+    # ----------------------------------------------------------------- reading
+
+    def __iter__(self) -> Iterator[bytes]:
+        """All records in append order (flushes pending appends first)."""
+        self._fh.flush()
+        for seg in list(self._segments):
+            yield from _read_segment(seg)
+
+    def size_bytes(self) -> int:
+        self._fh.flush()
+        return sum(s.stat().st_size for s in self._segments if s.exists())
+
+    def is_empty(self) -> bool:
+        return self.size_bytes() == 0
+
+    # ------------------------------------------------------------ maintenance
+
+    def reset(self) -> None:
+        """Drop every record (after they were all delivered)."""
+        self._fh.close()
+        for seg in self._segments:
+            seg.unlink(missing_ok=True)
+        self._segments = [self.directory / f"{0:020d}{_SUFFIX}"]
+        self._tail = self._segments[0]
+        self._fh = open(self._tail, "ab")
+        self._tail_size = 0
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            self._fh.close()
+
+    def destroy(self) -> None:
+        """Close and delete the log directory's segments (and the directory if empty)."""
+        self.close()
+        for seg in self._segments:
+            seg.unlink(missing_ok=True)
+        try:
+            self.directory.rmdir()
+        except OSError:
+            pass
+
+    def _repair_tail(self, seg: Path) -> None:
+        good = 0
+        with open(seg, "rb") as f:
+            data = f.read()
+        pos = 0
+        n = len(data)
+        while pos + _HEADER.size <= n:
+            length, crc = _HEADER.unpack_from(data, pos)
+            end = pos + _HEADER.size + length
+            if end > n or zlib.crc32(data[pos + _HEADER.size : end]) != crc:
+                break
+            pos = end
+            good = pos
+        if good != n:
+            self.truncated_bytes = n - good
+            logger.warning(
+                "log.tail_truncated",
+                path=str(seg),
+                kept_bytes=good,
+                dropped_bytes=n - good,
+                hint="a previous process died mid-write; the incomplete record was never "
+                "acknowledged, so its sender still holds it",
+            )
+            with open(seg, "r+b") as f:
+                f.truncate(good)
+
+
+class LogReader:
+    """Reads an :class:`AppendLog` forward from the start, picking up later appends.
+
+    Each :meth:`read` returns what has been appended (and flushed) since the last call,
+    so a log that is written and read at the same time is read exactly once, in order.
+    """
+
+    def __init__(self, log: AppendLog) -> None:
+        self._log = log
+        self._seg = 0
+        self._off = 0
+        self._fh = None
+
+    def read(self, max_records: int, max_bytes: int) -> list[bytes]:
+        self._log.flush()
+        out: list[bytes] = []
+        nbytes = 0
+        segments = self._log._segments
+        while len(out) < max_records and nbytes < max_bytes:
+            if self._fh is None:
+                if self._seg >= len(segments):
+                    break
+                self._fh = open(segments[self._seg], "rb")
+                self._fh.seek(self._off)
+            header = self._fh.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                if self._seg + 1 < len(segments):  # this segment is complete: next one
+                    self._fh.close()
+                    self._fh = None
+                    self._seg += 1
+                    self._off = 0
+                    continue
+                self._fh.seek(self._off)  # caught up with the writer
+                break
+            length, crc = _HEADER.unpack(header)
+            payload = self._fh.read(length)
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                self._fh.seek(self._off)  # only possible if someone else writes the file
+                break
+            self._off += _HEADER.size + length
+            out.append(payload)
+            nbytes += length
+        return out
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _read_segment(seg: Path) -> Iterator[bytes]:
+    try:
+        f = open(seg, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        while True:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return
+            length, crc = _HEADER.unpack(header)
+            payload = f.read(length)
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                logger.warning("log.corrupt_record", path=str(seg))
+                return
+            yield payload

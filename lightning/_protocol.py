@@ -1,0 +1,478 @@
+"""The wire protocol between the app-side runtime and the daemon.
+
+Every message that crosses the wire is one of the tagged ``msgspec.Struct`` types below,
+encoded with MessagePack. One ZeroMQ message carries exactly one encoded ``Message``.
+
+Conversation::
+
+    client (DEALER)                              daemon (ROUTER)
+    Hello(protocol_version, client_id)   ──▶
+                                         ◀──     Welcome(acked_through, limits)   or Error
+    Batch(client_id, first_seq, events)  ──▶     (validated, de-duplicated, written to the
+                                                  daemon's write-ahead log, *then* acked)
+                                         ◀──     Ack(acked_through, rejected=[...])
+                                         ◀──     Nack(code, expected_seq, retry)  whole frame
+    Ping                                 ──▶
+                                         ◀──     Pong
+                                         ◀──     FlowControl(pause_s)   daemon is saturated
+
+Delivery is at-least-once with exactly-once storage: each event has a per-client sequence
+number (``Batch.first_seq + i``, starting at 1); the daemon accepts only the next expected
+number per client (duplicates are acknowledged again and dropped, a gap is nacked with
+the expected number so the client goes back to it), so what is stored is exactly once and
+in order per client, hence per rollout. ``Ack.acked_through`` is cumulative.
+
+Token ids are packed little-endian int32 bytes and log-probs little-endian float32 bytes
+(:func:`pack_ids`, :func:`pack_logprobs`), not lists of Python ints: that is ~14x faster to
+encode and decode and 2-5x smaller.
+
+Schema-evolution rules (read before changing anything here):
+
+1. ``PROTOCOL_VERSION`` is bumped for any change an older peer cannot ignore. The daemon
+   rejects a ``Hello`` with a different major version with an ``Error``.
+2. Tags never change and are never reused. A new message type gets a new tag.
+3. New fields go at the end of a struct and must have a default, so older encoders stay
+   decodable; decoders ignore fields they do not know, so newer encoders stay decodable
+   by older decoders as long as the new field is optional for them.
+4. A field's type or meaning never changes; a field is never removed (deprecate it and
+   keep accepting it). Renaming is a removal plus an addition.
+5. ``array_like=True`` may only be added to a struct together with a version bump.
+6. The golden-bytes tests in ``tests/test_protocol.py`` pin the encoding of every message;
+   a failing golden test means the wire changed: bump the version or undo the change.
+"""
+
+# No `from __future__ import annotations`: msgspec resolves these annotations at
+# runtime, and lightning/__init__.py re-homes public classes to the `lightning` module.
+
+import math
+import sys
+from array import array
+from typing import Any, Literal, Union
+
+import msgspec
+
+from ._errors import ProtocolError, ProtocolVersionError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Batch",
+    "Error",
+    "Event",
+    "FlowControl",
+    "Hello",
+    "Message",
+    "Nack",
+    "Ping",
+    "Pong",
+    "Rejection",
+    "Reward",
+    "RolloutEnd",
+    "RolloutStart",
+    "Span",
+    "Transition",
+    "Welcome",
+    "decode_event",
+    "decode_message",
+    "encode_batch",
+    "encode_event",
+    "encode_message",
+    "pack_ids",
+    "pack_logprobs",
+    "unpack_ids",
+    "unpack_logprobs",
+]
+
+PROTOCOL_VERSION = 1
+
+_LITTLE = sys.byteorder == "little"
+
+
+class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    pass
+
+
+# --------------------------------------------------------------------------- events
+# Events are what a rollout produces. They travel inside a Batch and are stored by the
+# daemon in the order they were recorded.
+
+
+class RolloutStart(_Base, tag="rollout.start"):
+    """A decorated call began."""
+
+    rollout_id: str
+    """Globally unique id of the rollout (client-generated)."""
+    name: str
+    """The rollout's name (the decorated function's qualified name by default)."""
+    group_key: str | None = None
+    """Rollouts sharing a key form one group for group-relative estimators (GRPO, RLOO)."""
+    attempt: int = 0
+    """Attempt number when the same task is retried or sampled several times."""
+    parent_id: str | None = None
+    """The enclosing rollout's id for nested rollouts."""
+    metadata: dict[str, Any] = {}
+    """Free-form JSON-like metadata given to the decorator or the call."""
+    started_at: float = 0.0
+    """Unix time in seconds."""
+
+
+class Transition(_Base, tag="transition"):
+    """One LLM call: state (prompt ids) -> action (response ids) with sampler log-probs."""
+
+    rollout_id: str
+    index: int
+    """0-based position of this transition within its rollout."""
+    prompt_ids: bytes
+    """Prompt token ids, packed little-endian int32 (see :func:`pack_ids`)."""
+    response_ids: bytes
+    """Sampled response token ids, packed little-endian int32."""
+    logprobs: bytes = b""
+    """Sampler log-probs of the response tokens, packed little-endian float32; empty if
+    unknown. When present it has exactly one entry per response token."""
+    policy_version: int = -1
+    """Version of the policy that sampled the response; -1 when unknown."""
+    model: str = ""
+    finish_reason: str = ""
+    trainable: bool = True
+    """False when token ids are not the sampler's own (for example an external API)."""
+    latency_s: float = 0.0
+    created_at: float = 0.0
+    metadata: dict[str, Any] = {}
+
+
+class Reward(_Base, tag="reward"):
+    """A reward emitted during a rollout, placed after the transition it follows."""
+
+    rollout_id: str
+    value: float
+    """The primary reward, a finite number."""
+    name: str = "reward"
+    """Name of the primary reward."""
+    components: dict[str, float] = {}
+    """All named rewards when several were emitted at once (includes the primary)."""
+    after: int = 0
+    """Number of transitions recorded in the rollout when the reward was emitted."""
+    created_at: float = 0.0
+
+
+class Span(_Base, tag="span"):
+    """An observation: a tool call, its result or error, or any custom step."""
+
+    rollout_id: str
+    span_id: str
+    name: str
+    kind: str = "custom"
+    """"tool", "llm", "retrieval", "custom"..."""
+    parent_span_id: str | None = None
+    start_time: float = 0.0
+    end_time: float = 0.0
+    status: Literal["ok", "error"] = "ok"
+    error: str | None = None
+    """Error type and message when ``status == "error"``."""
+    attributes: dict[str, Any] = {}
+    """Inputs, outputs and anything else the rules of AIR look at."""
+    after: int = 0
+    """Number of transitions recorded in the rollout when the span ended."""
+
+
+class RolloutEnd(_Base, tag="rollout.end"):
+    """A decorated call returned or raised."""
+
+    rollout_id: str
+    status: Literal["completed", "failed", "cancelled"] = "completed"
+    final_reward: float | None = None
+    """The numeric return value, if the function returned a number."""
+    error: str | None = None
+    n_transitions: int = 0
+    """How many transitions the rollout recorded (the daemon checks it)."""
+    ended_at: float = 0.0
+
+
+Event = Union[RolloutStart, Transition, Reward, Span, RolloutEnd]
+
+
+# ------------------------------------------------------------------------- messages
+
+
+class Hello(_Base, tag="hello"):
+    """First message of a client on a connection."""
+
+    protocol_version: int
+    client_id: str
+    """Identifies the sequence-number stream; unique per runtime incarnation."""
+    pid: int = 0
+    host: str = ""
+    library_version: str = ""
+
+
+class Welcome(_Base, tag="welcome"):
+    """The daemon accepts a client session."""
+
+    protocol_version: int
+    daemon_id: str
+    """Changes each time the daemon process starts."""
+    acked_through: int
+    """Highest sequence number of this client already stored (0 if none): resume after."""
+    max_frame_bytes: int
+    heartbeat_s: float
+
+
+class Ping(_Base, tag="ping"):
+    sent_at: float = 0.0
+
+
+class Pong(_Base, tag="pong"):
+    sent_at: float = 0.0
+
+
+class Batch(_Base, tag="batch"):
+    """Consecutive events of one client: event ``i`` has sequence ``first_seq + i``."""
+
+    client_id: str
+    first_seq: int
+    events: list[Event]
+    resync: bool = False
+    """Set when the sender no longer holds sequence numbers before ``first_seq`` (they
+    were lost with a crashed process): the daemon then accepts the gap instead of
+    nacking it, and counts it."""
+
+
+class Rejection(_Base, tag="rejection"):
+    """One event the daemon refused permanently; it is acknowledged, never retried."""
+
+    seq: int
+    code: str
+    reason: str
+
+
+class Ack(_Base, tag="ack"):
+    """Everything of ``client_id`` through ``acked_through`` is stored (or rejected)."""
+
+    client_id: str
+    acked_through: int
+    rejected: list[Rejection] = []
+
+
+class Nack(_Base, tag="nack"):
+    """A whole frame was refused.
+
+    ``retry`` tells whether sending again can succeed: after ``no_session`` (say Hello
+    first), ``gap`` (resend from ``expected_seq``) or ``busy`` (wait ``retry_after_s``).
+    Malformed or oversized frames are not retryable.
+    """
+
+    code: str
+    reason: str
+    client_id: str = ""
+    expected_seq: int = 0
+    retry: bool = False
+    retry_after_s: float = 0.0
+
+
+class FlowControl(_Base, tag="flow"):
+    """The daemon asks clients to hold off sending for ``pause_s`` seconds."""
+
+    pause_s: float
+    reason: str = ""
+
+
+class Error(_Base, tag="error"):
+    """A fatal condition for this session (for example an unsupported protocol version)."""
+
+    code: str
+    message: str
+
+
+Message = Union[Hello, Welcome, Ping, Pong, Batch, Ack, Nack, FlowControl, Error]
+
+
+# --------------------------------------------------------------------- encode/decode
+
+_encoder = msgspec.msgpack.Encoder()
+_message_decoder = msgspec.msgpack.Decoder(Message)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def encode_message(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_message(data: bytes | memoryview) -> Message:
+    """Decode one wire message, raising :class:`ProtocolError` with a stable ``code``."""
+    try:
+        return _message_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        code = "unknown_tag" if "Invalid value" in text and "$.type" in text else "invalid"
+        raise ProtocolError(f"invalid message: {text}", code=code) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed frame: {exc}", code="malformed") from exc
+
+
+def decode_event(data: bytes | memoryview) -> Event:
+    try:
+        return _event_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"invalid event: {exc}", code="invalid") from exc
+
+
+class _BatchOut(_Base, tag="batch"):
+    # Encoding-side twin of Batch whose events are already encoded: the runtime encodes
+    # each event once when it is recorded (it needs the bytes for sizing and spilling),
+    # and a batch is then assembled by concatenation. Same tag, same fields, same order;
+    # tests/test_protocol.py checks both encode identically.
+    client_id: str
+    first_seq: int
+    events: msgspec.Raw
+    resync: bool = False
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def encode_batch(
+    client_id: str, first_seq: int, encoded_events: list[bytes], resync: bool = False
+) -> bytes:
+    """Encode a :class:`Batch` from events already encoded with :func:`encode_event`."""
+    raw = msgspec.Raw(_array_header(len(encoded_events)) + b"".join(encoded_events))
+    return _encoder.encode(
+        _BatchOut(client_id=client_id, first_seq=first_seq, events=raw, resync=resync)
+    )
+
+
+def check_hello(hello: Hello) -> None:
+    if hello.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolVersionError(
+            f"client speaks protocol version {hello.protocol_version}, this daemon speaks "
+            f"{PROTOCOL_VERSION}: install the same lightning-rl version on both sides"
+        )
+
+
+# ------------------------------------------------------------------ packed arrays
+
+
+def pack_ids(ids: Any) -> bytes:
+    """Pack token ids as little-endian int32 bytes.
+
+    Accepts a sequence of ints, an ``array('i')``, a numpy array or torch tensor of
+    integers (anything with ``.tolist()`` when it is not a buffer of int32), or bytes
+    already packed.
+    """
+    if isinstance(ids, (bytes, bytearray)):
+        if len(ids) % 4:
+            raise ProtocolError(
+                f"packed token ids must be a multiple of 4 bytes, got {len(ids)}",
+                code="invalid",
+            )
+        return bytes(ids)
+    if isinstance(ids, array) and ids.typecode == "i" and ids.itemsize == 4:
+        a = ids
+    else:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        try:
+            a = array("i", ids)
+        except (TypeError, OverflowError) as exc:
+            raise ProtocolError(
+                f"token ids must be integers in int32 range: {exc}", code="invalid"
+            ) from exc
+    if not _LITTLE:
+        a = array("i", a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_ids(data: bytes) -> array:
+    """Unpack little-endian int32 token ids into an ``array('i')``."""
+    a = array("i")
+    a.frombytes(data)
+    if not _LITTLE:
+        a.byteswap()
+    return a
+
+
+def pack_logprobs(logprobs: Any) -> bytes:
+    """Pack log-probs as little-endian float32 bytes (see :func:`pack_ids` for inputs)."""
+    if isinstance(logprobs, (bytes, bytearray)):
+        if len(logprobs) % 4:
+            raise ProtocolError(
+                f"packed log-probs must be a multiple of 4 bytes, got {len(logprobs)}",
+                code="invalid",
+            )
+        return bytes(logprobs)
+    if isinstance(logprobs, array) and logprobs.typecode == "f":
+        a = logprobs
+    else:
+        if hasattr(logprobs, "tolist"):
+            logprobs = logprobs.tolist()
+        try:
+            a = array("f", logprobs)
+        except TypeError as exc:
+            raise ProtocolError(f"log-probs must be numbers: {exc}", code="invalid") from exc
+    if not _LITTLE:
+        a = array("f", a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_logprobs(data: bytes) -> array:
+    """Unpack little-endian float32 log-probs into an ``array('f')``."""
+    a = array("f")
+    a.frombytes(data)
+    if not _LITTLE:
+        a.byteswap()
+    return a
+
+
+# ------------------------------------------------------------------ validation
+
+
+def validate_event(event: Event) -> None:
+    """Structural checks that do not need state; raise :class:`ProtocolError`."""
+    if not event.rollout_id:
+        raise ProtocolError("rollout_id must be a non-empty string", code="invalid")
+    match event:
+        case Transition():
+            if len(event.prompt_ids) % 4 or len(event.response_ids) % 4:
+                raise ProtocolError(
+                    "prompt_ids/response_ids must be packed int32 (length multiple of 4)",
+                    code="invalid",
+                )
+            if event.logprobs and len(event.logprobs) != len(event.response_ids):
+                raise ProtocolError(
+                    f"logprobs has {len(event.logprobs) // 4} entries for "
+                    f"{len(event.response_ids) // 4} response tokens: send one log-prob per "
+                    "response token, or none",
+                    code="invalid",
+                )
+            if event.index < 0:
+                raise ProtocolError("transition index must be >= 0", code="invalid")
+        case Reward():
+            if not math.isfinite(event.value):
+                raise ProtocolError(
+                    f"reward {event.name!r} is {event.value}: rewards must be finite",
+                    code="non_finite_reward",
+                )
+            for k, v in event.components.items():
+                if not math.isfinite(v):
+                    raise ProtocolError(
+                        f"reward component {k!r} is {v}: rewards must be finite",
+                        code="non_finite_reward",
+                    )
+        case RolloutEnd():
+            if event.final_reward is not None and not math.isfinite(event.final_reward):
+                raise ProtocolError(
+                    f"final reward is {event.final_reward}: rewards must be finite",
+                    code="non_finite_reward",
+                )
+        case _:
+            pass

@@ -1,0 +1,735 @@
+"""The app-side runtime: a bounded, durable, ordered event stream to the daemon.
+
+Recording (:meth:`Runtime.submit`) is what the application thread pays for: encode the
+event once, take a sequence number, append it to an in-memory queue, or, when the queue
+is full or earlier events are already on disk, to the spill log. It never waits on the
+network and never raises because the daemon is down.
+
+Sending (:meth:`Runtime.serve`) is a background task, in the app's event loop or in a
+thread of its own (:func:`init`). It frames queued events into batches, keeps up to
+``max_inflight_frames`` unacknowledged frames per stream, resends from the daemon's
+expected sequence number after a gap (go-back-N), says Hello again after a silence or a
+daemon restart, and replays the spill log in order once the daemon is back.
+
+Ordering: sequence numbers are assigned under one lock in submission order. Events are
+in memory (queue) or on disk (spill), never both for the same range: once something is
+spilled, everything after it is spilled too until the spill log is drained, so sending
+``queue, then spill`` is always in sequence order.
+
+Durability: what is acknowledged is stored by the daemon. What is not yet acknowledged
+is in this process's memory or in the spill log; on shutdown, whatever the grace period
+did not flush is written to the spill log, and a later process replays it (spill logs of
+dead processes are found by a lock file and replayed under their original client id, so
+the daemon still de-duplicates them). A process that is SIGKILLed loses only what was in
+memory and not yet acknowledged (at most ``max_queue_bytes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import math
+import os
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from anyio.lowlevel import checkpoint
+
+from ._config import RuntimeConfig
+from ._errors import ProtocolError
+from ._log import AppendLog, LogReader
+from ._protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    Event,
+    FlowControl,
+    Hello,
+    Nack,
+    Ping,
+    Pong,
+    Welcome,
+    decode_message,
+    encode_batch,
+    encode_event,
+    encode_message,
+)
+from ._transport.base import ClientTransport, WouldBlock
+
+logger = structlog.get_logger()
+
+__all__ = ["Runtime"]
+
+_SEQ = struct.Struct("<Q")
+_PUMP_BUDGET = 2 << 20  # bytes sent per turn of the send loop before yielding
+Item = tuple[int, bytes]  # (sequence number, encoded event)
+
+
+class _Frame:
+    __slots__ = ("first", "last", "items", "sent_at", "payload", "resync")
+
+    def __init__(self, items: list[Item], resync: bool) -> None:
+        self.items = items
+        self.first = items[0][0]
+        self.last = items[-1][0]
+        self.sent_at = 0.0  # 0 = not sent (or must be resent)
+        self.payload: bytes | None = None
+        self.resync = resync
+
+
+class _Stream:
+    """One sequence-number stream: the live one, or a dead process's spill log."""
+
+    def __init__(self, client_id: str, *, orphan: bool = False) -> None:
+        self.client_id = client_id
+        self.orphan = orphan
+        self.inflight: deque[_Frame] = deque()
+        self.acked_through = 0
+        self.rewound_to = -1  # expected seq of the last gap nack we acted on
+        # A dead process's spill log may lack what it held only in memory: its first
+        # frame tells the daemon to accept the gap.
+        self.resync_next = orphan
+        self.pending: deque[Item] = deque()  # orphans: records left to send
+
+
+class Runtime:
+    """The app-side runtime. Construct, then run :meth:`serve` (or use ``lightning.init``).
+
+    ``transport`` (a :class:`~lightning._transport.base.ClientTransport`) defaults to
+    ZeroMQ to ``config.daemon``; tests pass ``lightning.testing.MemoryHub().connect()``.
+    """
+
+    def __init__(
+        self, config: RuntimeConfig | None = None, *, transport: ClientTransport | None = None
+    ) -> None:
+        self.config = config or RuntimeConfig()
+        self.client_id = uuid.uuid4().hex
+        self._transport = transport
+        self._lock = threading.Lock()
+        self._next_seq = 1
+        self._queue: deque[Item] = deque()
+        self._queue_bytes = 0
+        self._spilling = False
+        self._spill: AppendLog | None = None
+        self._spill_lock_fd: int | None = None
+        self._spill_reader: LogReader | None = None
+        self._spill_unread = 0  # records appended to the spill log and not read back yet
+        self._stream = _Stream(self.client_id)
+        self._orphans: list[_Stream] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake = asyncio.Event()
+        self._idle = True
+        self._closing = False
+        self._abandon = False
+        self._closed = False
+        self._session = False
+        self._daemon_id = ""
+        self._last_heard = 0.0
+        self._last_hello = 0.0
+        self._last_sent = 0.0
+        self._paused_until = 0.0
+        self._max_frame_bytes = 64 << 20
+        self._hello_backoff = 0.05
+        self._budget = _PUMP_BUDGET
+        self._warned_down = False
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "events_submitted",
+                "events_acked",
+                "events_rejected",
+                "events_spilled",
+                "events_dropped_oversize",
+                "events_dropped_unencodable",
+                "frames_sent",
+                "frames_resent",
+                "nacks",
+                "reconnects",
+            ),
+            0,
+        )
+
+    # ============================================================ recording (any thread)
+
+    def submit(self, event: Event) -> None:
+        """Record an event. Never blocks on the network, never raises on delivery."""
+        try:
+            data = encode_event(event)
+        except (TypeError, OverflowError, ValueError) as exc:  # e.g. an int beyond 64 bits
+            self.counters["events_dropped_unencodable"] += 1
+            logger.error(
+                "runtime.event_unencodable",
+                type=type(event).__name__,
+                rollout_id=event.rollout_id,
+                error=str(exc),
+                hint="metadata and span attributes must be JSON-like with 64-bit integers",
+            )
+            return
+        size = len(data)
+        if size + 64 > self._max_frame_bytes:
+            self.counters["events_dropped_oversize"] += 1
+            logger.error(
+                "runtime.event_too_large",
+                type=type(event).__name__,
+                rollout_id=event.rollout_id,
+                bytes=size,
+                max_frame_bytes=self._max_frame_bytes,
+                hint="raise the daemon's --max-frame-bytes or record smaller transitions",
+            )
+            return
+        cfg = self.config
+        with self._lock:
+            if self._closed:
+                self._spill_locked(self._take_seq(), data)
+                return
+            seq = self._take_seq()
+            self.counters["events_submitted"] += 1
+            if (
+                self._spilling
+                or len(self._queue) >= cfg.max_queue_events
+                or self._queue_bytes + size > cfg.max_queue_bytes
+            ):
+                self._spill_locked(seq, data)
+            else:
+                self._queue.append((seq, data))
+                self._queue_bytes += size
+            idle = self._idle
+            self._idle = False
+        if idle:
+            self._notify()
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        return seq
+
+    def _notify(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:
+                pass  # loop closed: shutdown already spilled what was left
+
+    # ------------------------------------------------------------------ spill log
+
+    def _spill_dir(self) -> Path:
+        return Path(self.config.resolved_spill_dir) / self.client_id
+
+    def _open_spill_locked(self) -> AppendLog:
+        if self._spill is None:
+            d = self._spill_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            fd = os.open(d / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours: a fresh uuid
+            self._spill_lock_fd = fd
+            self._spill = AppendLog(d)
+            logger.warning(
+                "runtime.spilling",
+                path=str(d),
+                reason="daemon unreachable or in-memory queue full",
+            )
+        return self._spill
+
+    def _spill_locked(self, seq: int, data: bytes) -> None:
+        log = self._open_spill_locked()
+        log.append(_SEQ.pack(seq) + data)
+        self._spilling = True
+        self._spill_unread += 1
+        self.counters["events_spilled"] += 1
+
+    def _read_spill(self, max_items: int, max_bytes: int) -> list[Item]:
+        """Read the next spilled records, in order (called by the sender only)."""
+        with self._lock:
+            if self._spill is None or self._spill_unread == 0:
+                return []
+            if self._spill_reader is None:
+                self._spill_reader = LogReader(self._spill)
+            records = self._spill_reader.read(min(max_items, self._spill_unread), max_bytes)
+            self._spill_unread -= len(records)
+        return [(_SEQ.unpack_from(rec)[0], rec[_SEQ.size :]) for rec in records]
+
+    def _maybe_finish_spill(self) -> None:
+        """Once every spilled record is read and acknowledged, drop the log."""
+        with self._lock:
+            if (
+                self._spill is not None
+                and self._spilling
+                and self._spill_unread == 0
+                and not self._stream.inflight
+            ):
+                if self._spill_reader is not None:
+                    self._spill_reader.close()
+                    self._spill_reader = None
+                self._spill.reset()
+                self._spilling = False
+                logger.info("runtime.spill_drained")
+
+    # ================================================================ orphan replay
+
+    def _adopt_orphans(self) -> None:
+        root = Path(self.config.resolved_spill_dir)
+        if not root.is_dir():
+            return
+        for d in sorted(root.iterdir()):
+            if d.name == self.client_id or not (d / "lock").exists():
+                continue
+            fd = os.open(d / "lock", os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # a live process owns it
+                continue
+            log = AppendLog(d)
+            records: dict[int, bytes] = {}
+            for rec in log:
+                (seq,) = _SEQ.unpack_from(rec)
+                records[seq] = rec[_SEQ.size :]
+            log.close()
+            if not records:
+                _remove_spill_dir(d, fd)
+                continue
+            stream = _Stream(d.name, orphan=True)
+            stream.pending.extend(sorted(records.items()))
+            stream.lock_fd = fd  # type: ignore[attr-defined]
+            stream.path = d  # type: ignore[attr-defined]
+            self._orphans.append(stream)
+            logger.warning(
+                "runtime.replaying_orphan_spill",
+                path=str(d),
+                events=len(records),
+                client_id=d.name,
+            )
+
+    # ==================================================================== sending
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the sender until :meth:`aclose` is called (or the task is cancelled)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self._last_heard = time.monotonic()  # the silence clock starts now
+        owned = self._transport is None  # a transport passed in is the caller's to close
+        if self._transport is None:
+            from ._transport.zmq import ZmqClientTransport
+
+            cfg = self.config
+            self._transport = ZmqClientTransport(
+                cfg.daemon,
+                heartbeat_ms=int(cfg.heartbeat_s * 1000),
+                curve_server_key=cfg.curve_server_key or None,
+                curve_secret_key_file=cfg.curve_secret_key_file or None,
+            )
+        if self.config.replay_orphans:
+            self._adopt_orphans()
+        self._stop = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._recv_loop)
+                task_status.started()
+                await self._send_loop()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._finalize()
+                if owned:
+                    await self._transport.aclose()
+
+    async def _recv_loop(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        while True:
+            frame = await transport.recv()
+            try:
+                msg = decode_message(frame)
+            except ProtocolError as exc:
+                logger.error("runtime.bad_frame_from_daemon", error=str(exc))
+                continue
+            self._last_heard = time.monotonic()
+            self._on_message(msg)
+            self._wake.set()
+
+    def _on_message(self, msg: Any) -> None:
+        match msg:
+            case Ack():
+                self._on_ack(msg)
+            case Welcome():
+                if msg.daemon_id != self._daemon_id:
+                    logger.info(
+                        "runtime.connected",
+                        daemon_id=msg.daemon_id,
+                        acked_through=msg.acked_through,
+                    )
+                self._daemon_id = msg.daemon_id
+                self._session = True
+                self._warned_down = False
+                self._hello_backoff = 0.05
+                self._max_frame_bytes = msg.max_frame_bytes
+                self._on_ack(Ack(client_id=self.client_id, acked_through=msg.acked_through))
+                # Everything still in flight may have died with the old connection.
+                for s in self._streams():
+                    for f in s.inflight:
+                        f.sent_at = 0.0
+            case Nack():
+                self._on_nack(msg)
+            case Pong():
+                pass
+            case FlowControl():
+                self._paused_until = time.monotonic() + msg.pause_s
+                logger.info("runtime.paused_by_daemon", pause_s=msg.pause_s, reason=msg.reason)
+            case Error():
+                self._session = False
+                logger.error("runtime.daemon_error", code=msg.code, message=msg.message)
+                self._paused_until = time.monotonic() + 5.0
+            case _:
+                logger.error("runtime.unexpected_message", type=type(msg).__name__)
+
+    def _stream_for(self, client_id: str) -> _Stream | None:
+        if client_id == self.client_id:
+            return self._stream
+        for s in self._orphans:
+            if s.client_id == client_id:
+                return s
+        return None
+
+    def _streams(self) -> list[_Stream]:
+        return [self._stream, *self._orphans]
+
+    def _on_ack(self, ack: Ack) -> None:
+        stream = self._stream_for(ack.client_id)
+        if stream is None:
+            return
+        for r in ack.rejected:
+            self.counters["events_rejected"] += 1
+            logger.error("runtime.event_rejected", seq=r.seq, code=r.code, reason=r.reason)
+        if ack.acked_through <= stream.acked_through:
+            return
+        n = ack.acked_through - stream.acked_through
+        stream.acked_through = ack.acked_through
+        if stream is self._stream:
+            self.counters["events_acked"] += n
+        inflight = stream.inflight
+        while inflight and inflight[0].last <= ack.acked_through:
+            inflight.popleft()
+        if inflight and inflight[0].first <= ack.acked_through:
+            head = inflight[0]
+            head.items = [it for it in head.items if it[0] > ack.acked_through]
+            head.first = head.items[0][0]
+            head.payload = None
+            head.sent_at = 0.0
+        stream.rewound_to = -1
+
+    def _on_nack(self, nack: Nack) -> None:
+        self.counters["nacks"] += 1
+        match nack.code:
+            case "no_session":
+                self._session = False
+            case "gap":
+                stream = self._stream_for(nack.client_id)
+                if stream is None or stream.rewound_to == nack.expected_seq:
+                    return
+                self._on_ack(Ack(client_id=nack.client_id, acked_through=nack.expected_seq - 1))
+                stream.rewound_to = nack.expected_seq
+                for f in stream.inflight:
+                    f.sent_at = 0.0
+                if stream.inflight and stream.inflight[0].first > nack.expected_seq:
+                    stream.inflight[0].resync = True
+                    stream.inflight[0].payload = None
+            case "busy":
+                self._paused_until = time.monotonic() + max(nack.retry_after_s, 0.01)
+                for s in self._streams():
+                    for f in s.inflight:
+                        f.sent_at = 0.0
+            case _:
+                logger.error(
+                    "runtime.frame_refused",
+                    code=nack.code,
+                    reason=nack.reason,
+                    retry=nack.retry,
+                )
+                if not nack.retry:
+                    # Nothing will make this frame acceptable: drop what was in flight
+                    # rather than loop forever, and say so.
+                    stream = self._stream_for(nack.client_id) or self._stream
+                    if stream.inflight:
+                        f = stream.inflight[0]
+                        self.counters["events_rejected"] += len(f.items)
+                        self._on_ack(Ack(client_id=stream.client_id, acked_through=f.last))
+
+    async def _send_loop(self) -> None:
+        cfg = self.config
+        while True:
+            now = time.monotonic()
+            blocked = False
+            if not self._session:
+                self._say_hello(now)
+            elif now >= self._paused_until:
+                blocked = not self._pump(now)
+            self._check_silence(now)
+            if self._closing and (self._abandon or self._drained()):
+                return
+            self._maybe_finish_spill()
+            for s in list(self._orphans):
+                if not s.pending and not s.inflight:
+                    self._orphans.remove(s)
+                    _remove_spill_dir(s.path, s.lock_fd)  # type: ignore[attr-defined]
+                    logger.info("runtime.orphan_spill_delivered", client_id=s.client_id)
+            if self._spill is not None:
+                with self._lock:
+                    self._spill.flush()
+            with self._lock:
+                has_work = bool(self._queue) or self._spill_unread > 0
+                self._idle = not has_work
+            timeout = cfg.heartbeat_s
+            if not self._session:
+                timeout = min(timeout, self._hello_backoff)
+            elif blocked:
+                timeout = 0.002
+            elif has_work and self._window_open():
+                timeout = 0 if now >= self._paused_until else self._paused_until - now
+            if timeout <= 0:
+                await checkpoint()  # Event.wait() would not yield if already set
+            else:
+                with anyio.move_on_after(timeout):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    def _window_open(self) -> bool:
+        return len(self._stream.inflight) < self.config.max_inflight_frames
+
+    def _say_hello(self, now: float) -> None:
+        if now - self._last_hello < self._hello_backoff:
+            return
+        self._last_hello = now
+        hello = Hello(
+            protocol_version=PROTOCOL_VERSION,
+            client_id=self.client_id,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            library_version=_version(),
+        )
+        try:
+            self._transport.send(encode_message(hello))  # type: ignore[union-attr]
+        except WouldBlock:
+            if not self._warned_down and now - self._last_heard > self.config.peer_timeout_s:
+                self._warned_down = True
+                logger.warning(
+                    "runtime.daemon_unreachable",
+                    daemon=self.config.daemon,
+                    hint="events are kept in memory, then spilled to disk, and sent when "
+                    "the daemon is back; start it with `lightning-daemon`",
+                )
+        self._hello_backoff = min(self._hello_backoff * 2, 2.0)
+
+    def _check_silence(self, now: float) -> None:
+        """Say Hello again when the daemon has been silent too long while we wait on it."""
+        if not self._session:
+            return
+        waiting = any(s.inflight for s in self._streams())
+        if now - self._last_sent > self.config.heartbeat_s:
+            self._send_raw(encode_message(Ping(sent_at=time.time())))
+        if waiting and now - self._last_heard > self.config.peer_timeout_s:
+            self._session = False
+            self.counters["reconnects"] += 1
+            self._hello_backoff = 0.05
+            logger.warning("runtime.daemon_silent", seconds=round(now - self._last_heard, 2))
+
+    def _send_raw(self, frame: bytes) -> bool:
+        try:
+            self._transport.send(frame)  # type: ignore[union-attr]
+        except WouldBlock:
+            return False
+        self._last_sent = time.monotonic()
+        return True
+
+    def _pump(self, now: float) -> bool:
+        """Send what the windows allow, up to ``_PUMP_BUDGET`` bytes per call.
+
+        Returns False if the transport would block or the budget ran out; either way the
+        send loop yields to the event loop before pumping again, so replaying a large
+        spill log never holds the app's loop for long.
+        """
+        self._budget = _PUMP_BUDGET
+        for stream in self._streams():
+            if not self._pump_stream(stream, now):
+                return False
+        return True
+
+    def _pump_stream(self, stream: _Stream, now: float) -> bool:
+        cfg = self.config
+        # 1. (re)send frames that are in flight but not (or no longer) on the wire
+        for f in stream.inflight:
+            if f.sent_at == 0.0:
+                if self._budget <= 0 or not self._send_frame(stream, f, now):
+                    return False
+                self.counters["frames_resent"] += 1
+        # 2. new frames while the window is open
+        while len(stream.inflight) < cfg.max_inflight_frames:
+            if self._budget <= 0:
+                return False
+            items = self._next_items(stream)
+            if not items:
+                break
+            f = _Frame(items, resync=stream.resync_next)
+            stream.resync_next = False
+            stream.inflight.append(f)
+            if not self._send_frame(stream, f, now):
+                return False
+        return True
+
+    def _next_items(self, stream: _Stream) -> list[Item]:
+        cfg = self.config
+        max_items = cfg.max_batch_events
+        max_bytes = min(cfg.max_batch_bytes, self._max_frame_bytes - 1024)
+        items: list[Item] = []
+        nbytes = 0
+        if stream.orphan:
+            src = stream.pending
+            while src and len(items) < max_items and (not items or nbytes + len(src[0][1]) <= max_bytes):
+                it = src.popleft()
+                items.append(it)
+                nbytes += len(it[1])
+            return items
+        with self._lock:
+            q = self._queue
+            while q and len(items) < max_items and (not items or nbytes + len(q[0][1]) <= max_bytes):
+                it = q.popleft()
+                items.append(it)
+                nbytes += len(it[1])
+            self._queue_bytes -= nbytes
+        if not items:
+            items = self._read_spill(max_items, max_bytes)
+        return items
+
+    def _send_frame(self, stream: _Stream, f: _Frame, now: float) -> bool:
+        if f.payload is None:
+            f.payload = encode_batch(
+                stream.client_id, f.first, [it[1] for it in f.items], resync=f.resync
+            )
+        if not self._send_raw(f.payload):
+            return False
+        self._budget -= len(f.payload)
+        f.sent_at = now
+        self.counters["frames_sent"] += 1
+        return True
+
+    # ================================================================== shutdown
+
+    def _drained(self) -> bool:
+        with self._lock:
+            if self._queue or self._spill_unread:
+                return False
+        return not any(s.inflight or s.pending for s in self._streams())
+
+    def pending_events(self) -> int:
+        """Events recorded but not yet acknowledged by the daemon."""
+        with self._lock:
+            n = len(self._queue) + self._spill_unread
+        for s in self._streams():
+            n += len(s.pending) + sum(len(f.items) for f in s.inflight)
+        return n
+
+    async def aclose(self, grace_s: float | None = None) -> None:
+        """Flush within ``grace_s`` (default ``config.shutdown_grace_s``), then stop.
+
+        What is not acknowledged by then is written to the spill log for a later process.
+        """
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self._closing = True
+        self._wake.set()
+        with anyio.move_on_after(grace):
+            while not self._drained():
+                await anyio.sleep(0.005)
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        self._closing = True
+        self._abandon = True  # return even if not drained: _finalize spills the rest
+        self._wake.set()
+
+    def _finalize(self) -> None:
+        """Persist everything not acknowledged; called once, when the sender stops."""
+        with self._lock:
+            self._closed = True
+            leftovers: list[Item] = []
+            for f in self._stream.inflight:
+                leftovers.extend(f.items)
+            self._stream.inflight.clear()
+            leftovers.extend(self._queue)
+            self._queue.clear()
+            self._queue_bytes = 0
+            if leftovers or self._spill_unread:
+                log = self._open_spill_locked()
+                for seq, data in leftovers:
+                    log.append(_SEQ.pack(seq) + data)
+                log.flush()
+                logger.warning(
+                    "runtime.shutdown_spilled",
+                    events=len(leftovers) + self._spill_unread,
+                    path=str(self._spill_dir()),
+                    hint="the next process using this spill directory replays them",
+                )
+            elif self._spill is not None:
+                self._spill.destroy()
+                self._spill = None
+            if self._spill is not None:
+                self._spill.close()
+                if self._spill_lock_fd is not None:
+                    os.close(self._spill_lock_fd)  # releases the flock: now an orphan
+                    self._spill_lock_fd = None
+        for s in self._orphans:
+            # Undelivered orphan records stay in their directory for the next process.
+            os.close(s.lock_fd)  # type: ignore[attr-defined]
+        self._orphans.clear()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            queued = len(self._queue)
+            spilled = self._spill_unread
+        return {
+            **self.counters,
+            "queued": queued,
+            "spilled_unsent": spilled,
+            "inflight_frames": len(self._stream.inflight),
+            "connected": self._session,
+            "client_id": self.client_id,
+        }
+
+
+def _remove_spill_dir(d: Path, fd: int) -> None:
+    for p in d.glob("*.log"):
+        p.unlink(missing_ok=True)
+    (d / "lock").unlink(missing_ok=True)
+    os.close(fd)
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def check_finite(value: Any) -> float | None:
+    """``float(value)`` if it is a real, finite number (bools count as 0/1), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, complex):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    return None
+
