@@ -1,0 +1,224 @@
+"""Runtime <-> daemon over the in-memory transport: loss, outages, spill, replay."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import lightning
+from lightning import DaemonConfig
+from lightning._protocol import unpack_ids
+from lightning.testing import Daemon, MemoryHub, recover
+
+FAST = dict(heartbeat_s=0.05, peer_timeout_s=0.3)
+
+
+def _runtime_kw(tmp_path, **kw):
+    return {"spill_dir": str(tmp_path / "spill"), **FAST, **kw}
+
+
+@lightning.rollout
+async def agent(i: int, steps: int) -> float:
+    for s in range(steps):
+        lightning.record_transition([i, s], [s] * 3, [-0.1] * 3, policy_version=s)
+        if s % 7 == 0:
+            await anyio.sleep(0)
+    lightning.emit_reward(0.5)
+    return float(i)
+
+
+def _check_exactly_once(trajs, n_rollouts, steps):
+    assert len(trajs) == n_rollouts
+    assert len({t.rollout_id for t in trajs}) == n_rollouts
+    seen = set()
+    for t in trajs:
+        i = int(t.final_reward)
+        seen.add(i)
+        assert [tr.index for tr in t.transitions] == list(range(steps))
+        assert [list(unpack_ids(tr.prompt_ids)) for tr in t.transitions] == [
+            [i, s] for s in range(steps)
+        ]
+        assert [r.value for r in t.rewards] == [0.5]
+    assert seen == set(range(n_rollouts))
+
+
+async def _serve_daemon(tg, tmp_path, hub, **cfg):
+    d = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0, **cfg), transport=hub)
+    await tg.start(d.serve)
+    return d
+
+
+async def _wait(pred, timeout=10.0):
+    with anyio.fail_after(timeout):
+        while not pred():
+            await anyio.sleep(0.01)
+
+
+async def test_lossy_link_delivers_exactly_once_in_order(tmp_path):
+    hub = MemoryHub(drop_rate=0.2, seed=1)
+    async with anyio.create_task_group() as tg:
+        daemon = await _serve_daemon(tg, tmp_path, hub)
+        async with lightning.session(
+            transport=hub.connect(), max_batch_events=16, max_inflight_frames=4,
+            **_runtime_kw(tmp_path)
+        ) as rt:
+            async with anyio.create_task_group() as agents:
+                for i in range(12):
+                    agents.start_soon(agent, i, 40)
+            await _wait(lambda: rt.pending_events() == 0, 30)
+        assert rt.counters["frames_resent"] > 0 and rt.counters["events_acked"] == 12 * 43
+        tg.cancel_scope.cancel()
+    _check_exactly_once(list(daemon.buffer._items), 12, 40)
+    assert daemon.stats()["events_accepted"] == 12 * 43
+
+
+async def test_outage_spills_and_replays_in_order(tmp_path):
+    hub = MemoryHub()
+    async with anyio.create_task_group() as tg:
+        daemon = await _serve_daemon(tg, tmp_path, hub)
+        async with lightning.session(
+            transport=hub.connect(), max_queue_events=50, **_runtime_kw(tmp_path)
+        ) as rt:
+            await agent(0, 5)
+            await _wait(lambda: rt.pending_events() == 0)
+            hub.set_down(True)
+            for i in range(1, 6):
+                await agent(i, 30)
+            assert rt.counters["events_spilled"] > 0
+            assert list((tmp_path / "spill").rglob("*.log"))
+            await anyio.sleep(0.5)
+            hub.set_down(False)
+            await _wait(lambda: rt.pending_events() == 0)
+        tg.cancel_scope.cancel()
+    trajs = sorted(daemon.buffer._items, key=lambda t: t.final_reward)
+    assert len(trajs) == 6
+    for t in trajs[1:]:
+        assert [tr.index for tr in t.transitions] == list(range(30))
+    # the spill log is removed once drained
+    assert not list((tmp_path / "spill").rglob("*.log"))
+
+
+async def test_shutdown_while_down_spills_and_next_process_replays(tmp_path):
+    hub = MemoryHub()
+    hub.set_down(True)
+    async with lightning.session(transport=hub.connect(), **_runtime_kw(tmp_path)) as rt:
+        for i in range(4):
+            await agent(i, 10)
+        assert rt.pending_events() == 4 * 13
+    # session exit waited the grace period, then wrote everything to the spill log
+    assert list((tmp_path / "spill").rglob("*.log"))
+    hub.set_down(False)
+    async with anyio.create_task_group() as tg:
+        daemon = await _serve_daemon(tg, tmp_path, hub)
+        async with lightning.session(transport=hub.connect(), **_runtime_kw(tmp_path)) as rt2:
+            await agent(4, 10)
+            await _wait(lambda: rt2.pending_events() == 0 and len(daemon.buffer) == 5)
+        tg.cancel_scope.cancel()
+    _check_exactly_once(list(daemon.buffer._items), 5, 10)
+    assert not list((tmp_path / "spill").rglob("*.log"))
+
+
+@lightning.rollout
+async def slow_agent(i: int, steps: int) -> float:
+    for s in range(steps):
+        lightning.record_transition([i, s], [s] * 3, [-0.1] * 3, policy_version=s)
+        await anyio.sleep(0.002)
+    lightning.emit_reward(0.5)
+    return float(i)
+
+
+async def _run_in_scope(daemon, *, task_status=anyio.TASK_STATUS_IGNORED):
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.serve)
+            task_status.started(scope)
+
+
+async def test_daemon_restart_resumes_without_duplicates(tmp_path):
+    hub = MemoryHub()
+    cfg = DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0)
+    first, second = Daemon(cfg, transport=hub), Daemon(cfg, transport=hub)
+    async with anyio.create_task_group() as tg:
+        scope = await tg.start(_run_in_scope, first)
+        async with lightning.session(transport=hub.connect(), **_runtime_kw(tmp_path)) as rt:
+            async with anyio.create_task_group() as agents:
+                for i in range(3):
+                    agents.start_soon(slow_agent, i, 50)
+                await _wait(lambda: first.stats().get("events_accepted", 0) > 20)
+                scope.cancel()  # the daemon dies mid-stream...
+                hub.set_down(True)
+                await anyio.sleep(0.1)
+                hub.set_down(False)  # ...and a new daemon process takes over the data dir
+                await tg.start(_run_in_scope, second)
+            await _wait(lambda: rt.pending_events() == 0)
+        tg.cancel_scope.cancel()
+    accepted_by_first = first.stats()["events_accepted"]
+    assert 20 < accepted_by_first < 3 * 53
+    # ingest counters are rebuilt from the log, so they count both daemons' work
+    assert second.stats()["events_accepted"] == 3 * 53
+    _, trajs, _ = recover(tmp_path / "data")
+    _check_exactly_once(trajs, 3, 50)
+
+
+async def test_busy_daemon_makes_client_wait_not_lose(tmp_path):
+    hub = MemoryHub()
+    async with anyio.create_task_group() as tg:
+        daemon = await _serve_daemon(tg, tmp_path, hub, buffer_size=2)
+        async with lightning.session(transport=hub.connect(), max_batch_events=4,
+                                     **_runtime_kw(tmp_path)) as rt:
+            for i in range(5):
+                await agent(i, 3)
+            await anyio.sleep(0.3)
+            assert rt.counters["nacks"] > 0 and rt.pending_events() > 0
+            got = []
+            while len(got) < 5:
+                got.append(await daemon.buffer.get())
+            await _wait(lambda: rt.pending_events() == 0)
+        tg.cancel_scope.cancel()
+    _check_exactly_once(got, 5, 3)
+
+
+async def test_unencodable_metadata_is_dropped_not_raised(tmp_path):
+    hub = MemoryHub()
+    async with anyio.create_task_group() as tg:
+        daemon = await _serve_daemon(tg, tmp_path, hub)
+        async with lightning.session(transport=hub.connect(), **_runtime_kw(tmp_path)) as rt:
+
+            @lightning.rollout
+            def a():
+                lightning.record_transition([1], [2], metadata={"huge": 2**70})
+                return 1.0
+
+            assert a() == 1.0
+            await _wait(lambda: rt.pending_events() == 0)
+            assert rt.counters["events_dropped_unencodable"] == 1
+        tg.cancel_scope.cancel()
+    t = daemon.buffer.get_nowait()
+    assert t.transitions == [] and t.warnings  # the end says 1 transition, 0 stored
+
+
+def test_init_twice_is_an_error(tmp_path):
+    lightning.init(daemon="tcp://127.0.0.1:9", **_runtime_kw(tmp_path))
+    with pytest.raises(lightning.ConfigError, match="already"):
+        lightning.init(daemon="tcp://127.0.0.1:9")
+    lightning.shutdown(grace_s=0)
+    lightning.shutdown()  # idempotent
+
+
+def test_unknown_setting_is_an_error():
+    with pytest.raises(lightning.ConfigError, match="unknown setting.*deamon"):
+        lightning.init(deamon="tcp://127.0.0.1:1")
+    with pytest.raises(lightning.ConfigError, match="max_queue_events"):
+        lightning.init(max_queue_events=0)
+
+
+def test_env_configuration(monkeypatch, tmp_path):
+    from lightning._config import RuntimeConfig, from_env
+
+    monkeypatch.setenv("LIGHTNING_DAEMON", "ipc:///tmp/x.sock")
+    monkeypatch.setenv("LIGHTNING_MAX_QUEUE_EVENTS", "7")
+    cfg = from_env(RuntimeConfig, {"heartbeat_s": 0.5})
+    assert (cfg.daemon, cfg.max_queue_events, cfg.heartbeat_s) == ("ipc:///tmp/x.sock", 7, 0.5)
+    monkeypatch.setenv("LIGHTNING_MAX_QUEUE_EVENTS", "lots")
+    with pytest.raises(lightning.ConfigError, match="max_queue_events"):
+        from_env(RuntimeConfig, {})
