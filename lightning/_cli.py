@@ -141,8 +141,17 @@ async def _run(config: DaemonConfig, args: argparse.Namespace) -> None:
 
 
 async def _drain(daemon) -> None:
-    async for traj in daemon.buffer:
-        daemon.buffer.commit(traj.index)
+    import anyio
+
+    buffer = daemon.buffer
+    while True:
+        last = (await buffer.get()).index
+        while True:  # take what is there, then persist the commit point once
+            try:
+                last = buffer.get_nowait().index
+            except anyio.WouldBlock:
+                break
+        buffer.commit(last)
 
 
 if __name__ == "__main__":

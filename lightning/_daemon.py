@@ -40,6 +40,7 @@ from ._protocol import (
     Ack,
     Batch,
     Error,
+    FlowControl,
     Hello,
     Nack,
     Ping,
@@ -71,6 +72,9 @@ class TrajectoryBuffer:
 
     def full(self) -> bool:
         return len(self._items) >= self.max_size
+
+    def nearly_full(self) -> bool:
+        return len(self._items) >= 0.9 * self.max_size
 
     def put(self, traj: Trajectory) -> None:
         self._items.append(traj)
@@ -183,11 +187,18 @@ class Daemon:
                 if cfg.stats_interval_s > 0:
                     tg.start_soon(self._stats_loop)
                 task_status.started(self.address)
+                throttle = encode_message(
+                    FlowControl(pause_s=0.05, reason="trajectory buffer nearly full")
+                )
                 while True:
                     peer, frame = await transport.recv()
                     reply = self.handle(peer, frame)
                     if reply is not None:
                         transport.send(peer, reply)
+                    if self.buffer.nearly_full():
+                        # Soft backpressure before the hard "busy" refusals start.
+                        self.counters["flow_control_sent"] += 1
+                        transport.send(peer, throttle)
         finally:
             with anyio.CancelScope(shield=True):
                 self._wal.close()
@@ -241,7 +252,7 @@ class Daemon:
             logger.warning("daemon.frame_refused", code=code, reason=reason)
         return encode_message(Nack(code=code, reason=reason, **kw))
 
-    def handle(self, peer: bytes, frame: bytes) -> bytes | None:
+    def handle(self, peer: bytes, frame: bytes | memoryview) -> bytes | None:
         """Process one frame from ``peer``; return the reply frame, if any."""
         self.counters["frames_received"] += 1
         self.counters["bytes_received"] += len(frame)
@@ -301,7 +312,7 @@ class Daemon:
             )
         )
 
-    def _on_batch(self, peer: bytes, batch: Batch, frame: bytes) -> bytes:
+    def _on_batch(self, peer: bytes, batch: Batch, frame: bytes | memoryview) -> bytes:
         cid = batch.client_id
         if peer not in self._sessions:
             return self._nack(

@@ -51,7 +51,7 @@ class AppendLog:
 
     # ----------------------------------------------------------------- writing
 
-    def append(self, payload: bytes) -> None:
+    def append(self, payload: bytes | memoryview) -> None:
         if self._tail_size >= self.segment_bytes:
             self._rotate()
         self._fh.write(_HEADER.pack(len(payload), zlib.crc32(payload)))

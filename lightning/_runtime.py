@@ -153,6 +153,7 @@ class Runtime:
                 "frames_sent",
                 "frames_resent",
                 "nacks",
+                "paused_by_daemon",
                 "reconnects",
             ),
             0,
@@ -389,7 +390,8 @@ class Runtime:
                 pass
             case FlowControl():
                 self._paused_until = time.monotonic() + msg.pause_s
-                logger.info("runtime.paused_by_daemon", pause_s=msg.pause_s, reason=msg.reason)
+                self.counters["paused_by_daemon"] += 1
+                logger.debug("runtime.paused_by_daemon", pause_s=msg.pause_s, reason=msg.reason)
             case Error():
                 self._session = False
                 logger.error("runtime.daemon_error", code=msg.code, message=msg.message)

@@ -170,6 +170,8 @@ async def test_busy_daemon_makes_client_wait_not_lose(tmp_path):
                 await agent(i, 3)
             await anyio.sleep(0.3)
             assert rt.counters["nacks"] > 0 and rt.pending_events() > 0
+            assert rt.counters["paused_by_daemon"] > 0  # soft backpressure came first
+            assert daemon.stats()["flow_control_sent"] > 0
             got = []
             while len(got) < 5:
                 got.append(await daemon.buffer.get())

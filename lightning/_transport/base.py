@@ -40,7 +40,7 @@ class ServerTransport(Protocol):
     def send(self, peer: bytes, frame: bytes) -> None:
         """Send a frame to a peer without waiting; drop it if the peer is gone."""
 
-    async def recv(self) -> tuple[bytes, bytes]:
-        """Wait for the next ``(peer, frame)``."""
+    async def recv(self) -> tuple[bytes, bytes | memoryview]:
+        """Wait for the next ``(peer, frame)``; the frame may be a zero-copy view."""
 
     async def aclose(self) -> None: ...

@@ -244,11 +244,13 @@ class ZmqServerTransport:
             # resend, and de-duplication makes the resend harmless.
             pass
 
-    async def recv(self) -> tuple[bytes, bytes]:
+    async def recv(self) -> tuple[bytes, memoryview]:
         while True:
-            parts = await self._sock.recv_multipart()
+            # copy=False: the payload is a view of ZeroMQ's buffer, decoded and logged
+            # without another copy of a (possibly megabyte-sized) frame.
+            parts = await self._sock.recv_multipart(copy=False)
             if len(parts) == 2:
-                return parts[0], parts[1]
+                return parts[0].bytes, parts[1].buffer
             # A peer that is not a DEALER speaking one frame per message: ignore.
 
     async def aclose(self) -> None:
