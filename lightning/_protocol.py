@@ -88,7 +88,9 @@ PROTOCOL_VERSION = 1
 _LITTLE = sys.byteorder == "little"
 
 
-class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+# gc=False: wire messages never form reference cycles (msgspec perf-tips), so the
+# cyclic collector need not track the millions of them a daemon holds.
+class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     pass
 
 
