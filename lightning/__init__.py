@@ -23,7 +23,7 @@ from ._errors import (
     TransportError,
     TransportTimeout,
 )
-from ._lifecycle import get_runtime, init, session, shutdown
+from ._lifecycle import LLMEndpoint, get_runtime, init, llm, session, shutdown
 from ._rollout import (
     LightningWarning,
     RolloutContext,
@@ -45,6 +45,7 @@ __all__ = [
     "BackendError",
     "ConfigError",
     "DaemonConfig",
+    "LLMEndpoint",
     "LightningError",
     "LightningWarning",
     "ProtocolError",
@@ -61,6 +62,7 @@ __all__ = [
     "emit_span",
     "get_runtime",
     "init",
+    "llm",
     "record_transition",
     "rollout",
     "rollout_options",

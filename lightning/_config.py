@@ -58,6 +58,17 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """This client's CURVE NAME.key_secret file."""
     replay_orphans: bool = True
     """Replay spill logs left behind by dead processes of this machine on start."""
+    policy_url: str = "http://127.0.0.1:8000/v1"
+    """OpenAI base URL of the daemon's policy server (what :func:`lightning.llm` returns)."""
+    policy_model: str = ""
+    """Model name to request from the policy server ('' = whatever it serves)."""
+    policy_api_key: str = "EMPTY"
+    """API key for the policy server (its --api-key; any string when it has none)."""
+    capture: bool = True
+    """Capture calls made with the `openai` package inside rollouts automatically."""
+    token_id_urls: tuple[str, ...] = ()
+    """More OpenAI-compatible servers that return token ids (vLLM): the runtime asks them
+    for token ids and log-probs too."""
 
     def __post_init__(self) -> None:
         for name in ("max_queue_events", "max_queue_bytes", "max_batch_events",
@@ -117,10 +128,12 @@ def from_env(cls: type, overrides: dict[str, Any], prefix: str = "LIGHTNING_") -
             f"valid settings: {', '.join(sorted(fields))}"
         )
     values: dict[str, Any] = {}
+    tuples = {f.name for f in msgspec.structs.fields(cls)
+              if getattr(f.type, "__origin__", None) is tuple}
     for name in fields:
         raw = os.environ.get(prefix + name.upper())
         if raw is not None and raw != "":
-            values[name] = raw
+            values[name] = [v.strip() for v in raw.split(",") if v.strip()] if name in tuples else raw
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return msgspec.convert(values, cls, strict=False)

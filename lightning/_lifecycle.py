@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 
 from ._config import RuntimeConfig, from_env
@@ -31,11 +32,32 @@ from ._transport.base import ClientTransport
 
 logger = structlog.get_logger()
 
-__all__ = ["get_runtime", "init", "session", "shutdown"]
+__all__ = ["LLMEndpoint", "get_runtime", "init", "llm", "session", "shutdown"]
 
 _current: Runtime | None = None
 _thread_runner: _ThreadRunner | None = None
 _guard = threading.Lock()
+
+
+class LLMEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the agent's OpenAI client should point: the policy being trained."""
+
+    base_url: str
+    api_key: str
+    model: str
+
+
+def llm() -> LLMEndpoint:
+    """The policy server's OpenAI base URL, API key and model name.
+
+    ``OpenAI(base_url=lightning.llm().base_url, api_key=lightning.llm().api_key)``. From
+    the running runtime's settings, or the ``LIGHTNING_POLICY_*`` environment variables
+    before ``init``. The model name defaults to ``"default"``, which the policy server
+    always answers to.
+    """
+    cfg = _current.config if _current is not None else from_env(RuntimeConfig, {})
+    return LLMEndpoint(base_url=cfg.policy_url, api_key=cfg.policy_api_key,
+                       model=cfg.policy_model or "default")
 
 
 def get_runtime() -> Runtime | None:

@@ -224,3 +224,13 @@ def test_env_configuration(monkeypatch, tmp_path):
     monkeypatch.setenv("LIGHTNING_MAX_QUEUE_EVENTS", "lots")
     with pytest.raises(lightning.ConfigError, match="max_queue_events"):
         from_env(RuntimeConfig, {})
+
+
+def test_llm_endpoint_from_env(monkeypatch):
+    monkeypatch.setenv("LIGHTNING_POLICY_URL", "http://gpu-box:8000/v1")
+    monkeypatch.setenv("LIGHTNING_TOKEN_ID_URLS", "http://a/v1, http://b/v1")
+    ep = lightning.llm()
+    assert (ep.base_url, ep.model, ep.api_key) == ("http://gpu-box:8000/v1", "default", "EMPTY")
+    from lightning._config import RuntimeConfig, from_env
+
+    assert from_env(RuntimeConfig, {}).token_id_urls == ("http://a/v1", "http://b/v1")
