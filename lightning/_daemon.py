@@ -40,6 +40,12 @@ from ._protocol import (
     Ack,
     Batch,
     Error,
+    Event,
+    Rejection,
+    Reward,
+    RolloutEnd,
+    RolloutStart,
+    Transition,
     FlowControl,
     Hello,
     Nack,
@@ -48,13 +54,17 @@ from ._protocol import (
     Welcome,
     check_hello,
     decode_message,
+    encode_batch,
+    encode_event,
     encode_message,
+    pack_ids,
+    pack_logprobs,
 )
 from ._transport.base import ServerTransport
 
 logger = structlog.get_logger()
 
-__all__ = ["Daemon", "TrajectoryBuffer", "recover"]
+__all__ = ["Daemon", "LocalCapture", "TrajectoryBuffer", "recover"]
 
 
 class TrajectoryBuffer:
@@ -153,6 +163,9 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self._sessions: dict[bytes, str] = {}
         self._wal: AppendLog | None = None
+        self._local_id = "local-" + self.daemon_id
+        self._local_seq = 0
+        self.capture = LocalCapture(self)
         self.address = ""
 
     # ------------------------------------------------------------------ service
@@ -224,6 +237,31 @@ class Daemon:
                 clients=len(state.hwm),
                 seconds=round(time.perf_counter() - t0, 3),
             )
+
+    # ------------------------------------------------------------ local ingest
+
+    def ingest_local(self, event: Event) -> Rejection | None:
+        """Store an event produced inside the daemon (server-side capture).
+
+        Same path as a client's: validated, written to the write-ahead log, applied.
+        Returns the rejection if the event was refused.
+        """
+        wal = self._wal
+        if wal is None:
+            raise RuntimeError("the daemon is not serving: start Daemon.serve first")
+        self._local_seq += 1
+        frame = encode_batch(self._local_id, self._local_seq, [encode_event(event)])
+        wal.append(frame)
+        if self.config.fsync == "always":
+            wal.sync()
+        else:
+            wal.flush()
+        result = self.state.apply(
+            Batch(client_id=self._local_id, first_seq=self._local_seq, events=[event])
+        )
+        for traj in result.completed:
+            self.buffer.put(traj)
+        return result.rejected[0] if result.rejected else None
 
     def _write_cursor(self, index: int) -> None:
         tmp = self._data_dir / "cursor.tmp"
@@ -363,3 +401,49 @@ class Daemon:
         return encode_message(
             Ack(client_id=cid, acked_through=result.acked_through, rejected=result.rejected)
         )
+
+
+class LocalCapture:
+    """Server-side capture into the daemon's own store (the policy server's sink).
+
+    Rollouts started over HTTP (``POST /v1/rollouts``) and the LLM calls made through
+    ``/rollouts/{id}/v1/...`` become events exactly like the runtime's.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def is_open(self, rollout_id: str) -> bool:
+        return rollout_id in self._daemon.state.open
+
+    def _ingest(self, event: Event) -> None:
+        rejection = self._daemon.ingest_local(event)
+        if rejection is not None:
+            raise ValueError(rejection.reason)
+
+    def start_rollout(self, *, rollout_id: str, name: str, group_key: str | None,
+                      attempt: int, metadata: dict[str, Any]) -> None:
+        self._ingest(RolloutStart(rollout_id=rollout_id, name=name, group_key=group_key,
+                                  attempt=attempt, metadata=metadata, started_at=time.time()))
+
+    def record_transition(self, rollout_id: str, *, prompt_ids: Any, response_ids: Any,
+                          logprobs: Any, **fields: Any) -> int:
+        index = len(self._daemon.state.open[rollout_id].transitions)
+        self._ingest(Transition(
+            rollout_id=rollout_id, index=index, prompt_ids=pack_ids(prompt_ids),
+            response_ids=pack_ids(response_ids), logprobs=pack_logprobs(logprobs),
+            created_at=time.time(), **fields))
+        return index
+
+    def record_reward(self, rollout_id: str, value: float, name: str,
+                      components: dict[str, float]) -> None:
+        after = len(self._daemon.state.open[rollout_id].transitions)
+        self._ingest(Reward(rollout_id=rollout_id, value=value, name=name,
+                            components=components, after=after, created_at=time.time()))
+
+    def end_rollout(self, rollout_id: str, *, status: str, final_reward: float | None,
+                    error: str | None) -> int:
+        n = len(self._daemon.state.open[rollout_id].transitions)
+        self._ingest(RolloutEnd(rollout_id=rollout_id, status=status, final_reward=final_reward,
+                                error=error, n_transitions=n, ended_at=time.time()))
+        return n
