@@ -150,6 +150,7 @@ class Runtime:
                 "events_spilled",
                 "events_dropped_oversize",
                 "events_dropped_unencodable",
+                "events_after_shutdown",
                 "frames_sent",
                 "frames_resent",
                 "nacks",
@@ -190,7 +191,14 @@ class Runtime:
         cfg = self.config
         with self._lock:
             if self._closed:
-                self._spill_locked(self._take_seq(), data)
+                self.counters["events_after_shutdown"] += 1
+                if self.counters["events_after_shutdown"] == 1:
+                    logger.error(
+                        "runtime.event_after_shutdown",
+                        rollout_id=event.rollout_id,
+                        hint="lightning.shutdown() already ran: events recorded after it are "
+                        "not kept; shut down after the agents finish",
+                    )
                 return
             seq = self._take_seq()
             self.counters["events_submitted"] += 1
@@ -689,6 +697,7 @@ class Runtime:
                 self._spill = None
             if self._spill is not None:
                 self._spill.close()
+                self._spill = None
                 if self._spill_lock_fd is not None:
                     os.close(self._spill_lock_fd)  # releases the flock: now an orphan
                     self._spill_lock_fd = None

@@ -234,3 +234,13 @@ def test_llm_endpoint_from_env(monkeypatch):
     from lightning._config import RuntimeConfig, from_env
 
     assert from_env(RuntimeConfig, {}).token_id_urls == ("http://a/v1", "http://b/v1")
+
+
+async def test_events_after_shutdown_are_counted_not_raised(tmp_path):
+    hub = MemoryHub()
+    async with lightning.session(transport=hub.connect(), **_runtime_kw(tmp_path)) as rt:
+        pass
+    from lightning._protocol import RolloutStart
+
+    rt.submit(RolloutStart(rollout_id="r", name="x"))
+    assert rt.counters["events_after_shutdown"] == 1
