@@ -2,6 +2,9 @@
 
 Two ways to run it:
 
+Both also install the automatic capture of ``openai`` calls (``capture=False`` opts out),
+asking the policy server (``policy_url``) and ``token_id_urls`` for token ids.
+
 - ``lightning.init(...)``: the runtime's sender runs in a background thread with its own
   event loop. Works from sync and async code alike, and keeps delivery going even while
   the app's loop is busy. ``lightning.shutdown()`` (also registered with ``atexit``)
@@ -95,6 +98,19 @@ def _build(transport: ClientTransport | None, settings: dict[str, Any]) -> Runti
     return Runtime(config, transport=transport)
 
 
+def _start_capture(config: RuntimeConfig) -> None:
+    if config.capture:
+        from ._capture import install
+
+        install(token_id_base_urls=(config.policy_url, *config.token_id_urls))
+
+
+def _stop_capture() -> None:
+    from ._capture import uninstall
+
+    uninstall()
+
+
 def init(*, transport: ClientTransport | None = None, **settings: Any) -> Runtime:
     """Start the runtime in a background thread and make it the current one.
 
@@ -113,6 +129,7 @@ def init(*, transport: ClientTransport | None = None, **settings: Any) -> Runtim
         runtime = _build(transport, settings)
         runner = _ThreadRunner(runtime)
         _current, _thread_runner = runtime, runner
+    _start_capture(runtime.config)
     return runtime
 
 
@@ -128,6 +145,7 @@ def shutdown(grace_s: float | None = None) -> None:
         if runner is None:
             return
         _current = None
+    _stop_capture()
     runner.stop(grace_s)
 
 
@@ -148,6 +166,7 @@ async def session(
                 "another session): use that one"
             )
         _current = runtime
+    _start_capture(runtime.config)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(runtime.serve)
@@ -157,6 +176,7 @@ async def session(
                 with anyio.CancelScope(shield=True):
                     await runtime.aclose()
     finally:
+        _stop_capture()
         with _guard:
             if _current is runtime:
                 _current = None
