@@ -362,77 +362,58 @@ def check_hello(hello: Hello) -> None:
 # ------------------------------------------------------------------ packed arrays
 
 
+def _pack(values: Any, typecode: str, what: str, problem: str) -> bytes:
+    if isinstance(values, (bytes, bytearray, memoryview)):
+        if len(values) % 4:
+            raise ProtocolError(
+                f"packed {what} must be a multiple of 4 bytes, got {len(values)}", code="invalid"
+            )
+        return bytes(values)
+    if isinstance(values, array) and values.typecode == typecode and values.itemsize == 4:
+        a = values
+    else:
+        if hasattr(values, "tolist"):  # numpy arrays, torch tensors
+            values = values.tolist()
+        try:
+            a = array(typecode, values)
+        except (TypeError, OverflowError) as exc:
+            raise ProtocolError(f"{what} must be {problem}: {exc}", code="invalid") from exc
+    if not _LITTLE:
+        a = array(typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def _unpack(data: bytes, typecode: str) -> array:
+    a = array(typecode)
+    a.frombytes(data)
+    if not _LITTLE:
+        a.byteswap()
+    return a
+
+
 def pack_ids(ids: Any) -> bytes:
     """Pack token ids as little-endian int32 bytes.
 
     Accepts a sequence of ints, an ``array('i')``, a numpy array or torch tensor of
-    integers (anything with ``.tolist()`` when it is not a buffer of int32), or bytes
-    already packed.
+    integers, or bytes already packed.
     """
-    if isinstance(ids, (bytes, bytearray)):
-        if len(ids) % 4:
-            raise ProtocolError(
-                f"packed token ids must be a multiple of 4 bytes, got {len(ids)}",
-                code="invalid",
-            )
-        return bytes(ids)
-    if isinstance(ids, array) and ids.typecode == "i" and ids.itemsize == 4:
-        a = ids
-    else:
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        try:
-            a = array("i", ids)
-        except (TypeError, OverflowError) as exc:
-            raise ProtocolError(
-                f"token ids must be integers in int32 range: {exc}", code="invalid"
-            ) from exc
-    if not _LITTLE:
-        a = array("i", a)
-        a.byteswap()
-    return a.tobytes()
+    return _pack(ids, "i", "token ids", "integers in int32 range")
 
 
 def unpack_ids(data: bytes) -> array:
     """Unpack little-endian int32 token ids into an ``array('i')``."""
-    a = array("i")
-    a.frombytes(data)
-    if not _LITTLE:
-        a.byteswap()
-    return a
+    return _unpack(data, "i")
 
 
 def pack_logprobs(logprobs: Any) -> bytes:
-    """Pack log-probs as little-endian float32 bytes (see :func:`pack_ids` for inputs)."""
-    if isinstance(logprobs, (bytes, bytearray)):
-        if len(logprobs) % 4:
-            raise ProtocolError(
-                f"packed log-probs must be a multiple of 4 bytes, got {len(logprobs)}",
-                code="invalid",
-            )
-        return bytes(logprobs)
-    if isinstance(logprobs, array) and logprobs.typecode == "f":
-        a = logprobs
-    else:
-        if hasattr(logprobs, "tolist"):
-            logprobs = logprobs.tolist()
-        try:
-            a = array("f", logprobs)
-        except TypeError as exc:
-            raise ProtocolError(f"log-probs must be numbers: {exc}", code="invalid") from exc
-    if not _LITTLE:
-        a = array("f", a)
-        a.byteswap()
-    return a.tobytes()
+    """Pack log-probs as little-endian float32 bytes (same inputs as :func:`pack_ids`)."""
+    return _pack(logprobs, "f", "log-probs", "numbers")
 
 
 def unpack_logprobs(data: bytes) -> array:
     """Unpack little-endian float32 log-probs into an ``array('f')``."""
-    a = array("f")
-    a.frombytes(data)
-    if not _LITTLE:
-        a.byteswap()
-    return a
+    return _unpack(data, "f")
 
 
 # ------------------------------------------------------------------ validation
