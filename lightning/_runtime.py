@@ -593,8 +593,11 @@ class Runtime:
             items = self._next_items(stream)
             if not items:
                 break
-            f = _Frame(items, resync=stream.resync_next)
+            resync = stream.resync_next
             stream.resync_next = False
+            if stream.orphan and stream.pending and stream.pending[0][0] != items[-1][0] + 1:
+                stream.resync_next = True  # the next frame starts after a gap
+            f = _Frame(items, resync=resync)
             stream.inflight.append(f)
             if not self._send_frame(stream, f, now):
                 return False
@@ -607,8 +610,14 @@ class Runtime:
         items: list[Item] = []
         nbytes = 0
         if stream.orphan:
+            # A frame holds consecutive sequence numbers only: a gap in a dead process's
+            # log (events it held only in memory) ends the frame, and the next frame
+            # tells the daemon to accept the gap.
             src = stream.pending
             while src and len(items) < max_items and (not items or nbytes + len(src[0][1]) <= max_bytes):
+                if items and src[0][0] != items[-1][0] + 1:
+                    stream.resync_next = True
+                    break
                 it = src.popleft()
                 items.append(it)
                 nbytes += len(it[1])

@@ -244,3 +244,30 @@ async def test_events_after_shutdown_are_counted_not_raised(tmp_path):
 
     rt.submit(RolloutStart(rollout_id="r", name="x"))
     assert rt.counters["events_after_shutdown"] == 1
+
+
+async def test_orphan_log_with_a_gap_is_replayed_in_consecutive_frames(tmp_path):
+    """A dead process's spill log missing a range (held only in memory) still replays."""
+    import struct
+
+    from lightning._log import AppendLog
+    from lightning._protocol import RolloutEnd, RolloutStart, encode_event
+
+    d = tmp_path / "spill" / "deadbeef"
+    log = AppendLog(d)
+    (d / "lock").touch()
+    seq = struct.Struct("<Q")
+    events = {1: RolloutStart(rollout_id="a", name="x"), 2: RolloutEnd(rollout_id="a"),
+              5: RolloutStart(rollout_id="b", name="x"), 6: RolloutEnd(rollout_id="b")}
+    for s_, e in events.items():
+        log.append(seq.pack(s_) + encode_event(e))
+    log.close()
+    hub = MemoryHub()
+    async with anyio.create_task_group() as tg:
+        daemon = await _serve_daemon(tg, tmp_path, hub)
+        async with lightning.session(transport=hub.connect(), **_runtime_kw(tmp_path)) as rt:
+            await _wait(lambda: len(daemon.buffer) == 2 and rt.pending_events() == 0)
+        tg.cancel_scope.cancel()
+    assert sorted(t.rollout_id for t in daemon.buffer._items) == ["a", "b"]
+    assert daemon.stats()["events_lost_by_client"] == 2
+    assert not d.exists()
