@@ -1,0 +1,255 @@
+"""The inference-engine interface: what the policy server needs from an engine.
+
+An engine turns prompt token ids into sampled token ids with their log-probs and the
+policy version that produced them, serves many requests concurrently, and swaps in new
+weights from the trainer. Implementations (``torch_engine.TorchEngine``, later a vLLM
+engine) satisfy :class:`InferenceEngine` structurally; there is no base class to inherit.
+
+Weight updates and in-flight requests (the contract every engine keeps)
+    A response is never produced by two policies. ``update_weights`` stops admitting new
+    requests, lets every request already running *finish on the old weights*, then swaps
+    and bumps ``policy_version``; requests that arrived meanwhile start on the new
+    weights. Every :class:`Choice` and :class:`CompletionDelta` carries the version that
+    produced all of its tokens. The cost: the update waits for the longest running
+    request (bounded by its ``max_tokens``), and new requests wait for the update.
+
+Errors::
+
+    LightningError
+    └── EngineError                     the engine failed or is unusable
+        ├── EngineClosedError           used before start or after ``aclose()`` (RuntimeError)
+        ├── InvalidRequestError         bad prompt or sampling parameters (ValueError)
+        │   └── ContextLengthError      prompt (+ max_tokens) exceeds ``max_model_len``
+        └── WeightUpdateError           weights do not fit the model (ValueError)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import msgspec
+
+from lightning._errors import LightningError
+
+__all__ = [
+    "Choice",
+    "CompletionDelta",
+    "ContextLengthError",
+    "EngineClosedError",
+    "EngineError",
+    "FinishReason",
+    "GenerationResult",
+    "InferenceEngine",
+    "InvalidRequestError",
+    "SamplingParams",
+    "WeightUpdateError",
+    "Weights",
+]
+
+FinishReason = Literal["stop", "length"]
+
+#: What ``update_weights`` accepts: a state dict (names as in ``model.state_dict()``, a
+#: subset is fine) or a function that changes the model in place (called under no-grad).
+Weights = Mapping[str, Any] | Callable[[Any], None]
+
+
+class EngineError(LightningError):
+    """The inference engine failed or cannot be used."""
+
+
+class EngineClosedError(EngineError, RuntimeError):
+    """The engine is not running: start it (``async with engine``) or stop using it after
+    ``aclose()``."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request's prompt or sampling parameters are invalid."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt, or prompt plus ``max_tokens``, does not fit in ``max_model_len``.
+
+    ``limit`` is the engine's ``max_model_len``; ``requested`` is what the request needs.
+    """
+
+    def __init__(self, message: str, *, limit: int, requested: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.requested = requested
+
+
+class WeightUpdateError(EngineError, ValueError):
+    """New weights do not match the model (unknown names or wrong shapes); nothing was
+    changed."""
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How to sample one request. Checked on construction (``InvalidRequestError``)."""
+
+    max_tokens: int | None = 256
+    """Most tokens to generate per choice; ``None`` means up to ``max_model_len``."""
+    temperature: float = 1.0
+    """Softmax temperature; ``0`` means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; ``0`` (or ``-1``) keeps all."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: generation ends when the text contains one; it is cut from ``text``."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation (kept in ``token_ids``, like EOS)."""
+    seed: int | None = None
+    """Seed of this request's own random stream: same seed, same tokens, whatever else
+    is batched with it. ``None`` draws a fresh seed."""
+    n: int = 1
+    """Number of choices sampled from the same prompt (they share the prefill)."""
+    top_logprobs: int = 0
+    """How many most likely alternatives to report per token (0: none)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (stop strings and stop_token_ids still apply)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be >= 0 (or -1 for all), got {self.top_k}")
+        if self.n < 1:
+            raise InvalidRequestError(f"n must be >= 1, got {self.n}")
+        if self.top_logprobs < 0:
+            raise InvalidRequestError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Choice(msgspec.Struct, frozen=True, kw_only=True):
+    """One sampled continuation of a prompt."""
+
+    index: int
+    token_ids: list[int]
+    """Every sampled token, including a final EOS/stop token and the token that completed
+    a stop string (``text`` is cut before the stop string, the ids are not)."""
+    logprobs: list[float]
+    """Log-prob of each sampled token under the *processed* distribution: log-softmax of
+    the logits after temperature and top-k/top-p masking (vLLM's processed_logprobs). For
+    greedy requests the temperature is taken as 1."""
+    top_logprobs: list[list[tuple[int, float]]] | None
+    """Per token, the ``top_logprobs`` most likely ``(token_id, logprob)`` of the processed
+    distribution, most likely first; ``None`` when not requested."""
+    text: str
+    finish_reason: FinishReason
+    stop_reason: str | int | None
+    """The stop string or stop token id that ended the choice; ``None`` for EOS/length."""
+    policy_version: int
+
+
+class GenerationResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to one ``generate`` call."""
+
+    prompt_token_ids: list[int]
+    choices: list[Choice]
+    policy_version: int
+    """The version that produced every token of every choice."""
+
+
+class CompletionDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """An increment of one choice from ``generate_stream``.
+
+    Concatenating a choice's deltas gives its :class:`Choice`. Token ids are sent as soon
+    as they are sampled; text may lag behind them (incomplete UTF-8, or a possible prefix
+    of a stop string, is held back until it is certain). The last delta of a choice has
+    ``finish_reason`` set.
+    """
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    text: str
+    policy_version: int
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """What the policy server and the trainer use. Implementations: ``TorchEngine``.
+
+    Lifecycle: ``async with engine:`` (or ``await tg.start(engine.serve)`` inside a task
+    group, then ``await engine.aclose()``). ``generate``/``generate_stream`` before start
+    or after close raise :class:`EngineClosedError`.
+    """
+
+    @property
+    def policy_version(self) -> int:
+        """Version of the weights new requests are served with."""
+        ...
+
+    @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + generated) one sequence may hold."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer (``PreTrainedTokenizerBase``) of the served model."""
+        ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end a choice unless ``ignore_eos`` is set."""
+        ...
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Render an OpenAI-style conversation (and tools) with the model's chat template
+        and tokenize it. Raises ``InvalidRequestError`` if tools are given but the
+        template cannot render them."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` without special tokens."""
+        ...
+
+    async def generate(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None
+    ) -> GenerationResult:
+        """Sample ``params.n`` continuations of the prompt."""
+        ...
+
+    def generate_stream(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[CompletionDelta]:
+        """Like ``generate``, yielding increments as they are sampled. Closing the
+        iterator early cancels the request."""
+        ...
+
+    async def update_weights(self, weights: Weights, *, version: int | None = None) -> int:
+        """Swap in new weights in place and return the new ``policy_version`` (``version``,
+        which must exceed the current one, or current + 1). Requests in flight finish on
+        the old weights first; see the module docstring."""
+        ...
+
+    async def serve(self, *, task_status: Any = ...) -> None:
+        """Run the engine until ``aclose()``; calls ``task_status.started()`` once ready."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop: waiting and running requests fail with ``EngineClosedError``."""
+        ...
