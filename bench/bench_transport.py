@@ -105,7 +105,7 @@ def bench_zmq(n: int, repeats: int) -> list[float]:
             addr = f"tcp://127.0.0.1:{_free_port()}"
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "lightning._cli", "--bind", addr, "--data-dir",
-                 f"{tmp}/data", "--ingest-only", "--print-address", "--stats-interval-s", "0",
+                 f"{tmp}/data", "--ingest-only", "--print-address", "--stats-interval-s", "0", "--model", "none",
                  "--log-level", "warning", "--buffer-size", str(10**6)],
                 stdout=subprocess.PIPE, env=_env(),
             )
@@ -246,7 +246,7 @@ def bench_overhead(n: int, packed: bool) -> dict:
         addr = f"tcp://127.0.0.1:{_free_port()}"
         daemon = subprocess.Popen(
             [sys.executable, "-m", "lightning._cli", "--bind", addr, "--data-dir",
-             f"{tmp}/data", "--ingest-only", "--print-address", "--stats-interval-s", "0",
+             f"{tmp}/data", "--ingest-only", "--print-address", "--stats-interval-s", "0", "--model", "none",
              "--log-level", "warning"],
             stdout=subprocess.PIPE, env=_env(),
         )

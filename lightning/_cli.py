@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -48,7 +50,25 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="store and acknowledge trajectories without training (marks them "
                    "used as they complete)")
     p.add_argument("--print-address", action="store_true",
-                   help="print the bound address on stdout once listening")
+                   help="print the ZeroMQ address (and then the HTTP base URL, when serving) "
+                   "on stdout once listening")
+    g = p.add_argument_group("policy server (OpenAI-compatible HTTP)")
+    g.add_argument("--model", default="default", metavar="PATH",
+                   help="Hugging Face checkpoint directory to serve and train; 'default' is "
+                   "the embedded SmolLM2-135M-Instruct; 'none' serves no model")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name clients send (default: the checkpoint directory name)")
+    g.add_argument("--model-alias", action="append", default=[], metavar="NAME",
+                   help="extra model names accepted (repeatable), e.g. gpt-4o-mini")
+    g.add_argument("--accept-any-model", action="store_true",
+                   help="serve the policy whatever model name a request gives")
+    g.add_argument("--http-host", default="127.0.0.1")
+    g.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
+    g.add_argument("--api-key", default=os.environ.get("LIGHTNING_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default $LIGHTNING_API_KEY); "
+                   "mandatory for a non-loopback --http-host")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p
 
 
@@ -89,6 +109,11 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         from ._transport.zmq import check_bind
 
         check_bind(config.bind, config.curve_secret_key_file, config.curve_authorized_keys)
+        if args.model != "none" and not args.api_key and not _is_loopback_host(args.http_host):
+            raise ConfigError(
+                f"refusing to serve HTTP on {args.http_host!r} without --api-key: it is "
+                "reachable from other machines"
+            )
     except ConfigError as exc:
         print(f"lightning-daemon: error: {exc}", file=sys.stderr)
         return 2
@@ -112,6 +137,64 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _load_policy(args: argparse.Namespace):
+    """Load the checkpoint and tokenizer (blocking: runs in a worker thread)."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model == "default":
+        from .models import default_model_path
+
+        path = default_model_path()
+    else:
+        path = Path(args.model)
+        if not (path / "config.json").exists():
+            raise ConfigError(
+                f"--model {args.model!r} is not a Hugging Face checkpoint directory (no "
+                "config.json); pass a local directory ('default' serves SmolLM2-135M-Instruct)"
+            )
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    return path, model.to(device).eval(), tok
+
+
+async def _serve_policy(tg, daemon, args: argparse.Namespace) -> str:
+    import anyio
+
+    from .engine.torch_engine import TorchEngine
+    from .serving import PolicyServer
+
+    path, model, tok = await anyio.to_thread.run_sync(_load_policy, args)
+    engine = TorchEngine(model, tok, max_model_len=args.max_model_len)
+    await tg.start(engine.serve)
+    server = PolicyServer(
+        engine,
+        model_name=args.served_model_name or path.name,
+        host=args.http_host,
+        port=args.http_port,
+        api_key=args.api_key,
+        aliases=tuple(args.model_alias),
+        accept_any_model=args.accept_any_model,
+        capture=daemon.capture,
+    )
+    return await tg.start(server.serve)
+
+
 async def _run(config: DaemonConfig, args: argparse.Namespace) -> None:
     import anyio
     import structlog
@@ -124,6 +207,10 @@ async def _run(config: DaemonConfig, args: argparse.Namespace) -> None:
         address = await tg.start(daemon.serve)
         if args.print_address:
             print(address, flush=True)
+        if args.model != "none":
+            base_url = await _serve_policy(tg, daemon, args)
+            if args.print_address:
+                print(base_url, flush=True)
         if args.ingest_only:
             tg.start_soon(_drain, daemon)
         else:

@@ -34,6 +34,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lightning._cli", "--bind", self.address,
              "--data-dir", str(self.data_dir), "--print-address", "--stats-interval-s", "0",
+             "--model", "none",
              *self.extra],
             stdout=subprocess.PIPE,
             stderr=logf,
