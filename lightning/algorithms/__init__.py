@@ -1,0 +1,72 @@
+"""RL algorithms as pure torch functions: credit assignment, AIR, advantages, losses.
+
+Import explicitly (``import lightning.algorithms``); ``import lightning`` never imports
+torch. One file per algorithm (credit assignment and AIR are pure Python):
+
+- :mod:`.credit` trajectory rewards -> one return per transition (``final``,
+  ``discounted``, ``returns_to_go``); :mod:`.air` spans/tool calls -> step rewards.
+- :mod:`.grpo`, :mod:`.rloo`, :mod:`.reinforce_pp`, :mod:`.gae`: advantages;
+  :mod:`.tokens`: per-sample -> packed tokens, packed <-> padded.
+- :mod:`.ppo`, :mod:`.cispo`, :mod:`.kl`: losses returning ``(loss, Stats)``;
+  :mod:`.aggregate`: token-mean / seq-mean-token-mean / seq-mean-token-sum.
+
+Packed layout everywhere: 1-D ``[T]`` tensors, ``cu_seqlens[B + 1]`` offsets, action ``mask[T]``.
+"""
+
+from lightning.algorithms.aggregate import (
+    AGGREGATORS,
+    get_aggregator,
+    seq_mean_token_mean,
+    seq_mean_token_sum,
+    token_mean,
+)
+from lightning.algorithms.air import AIR, StepReward, final_answer_format
+from lightning.algorithms.cispo import CISPOStats, cispo_loss
+from lightning.algorithms.credit import CREDIT, assign_credit, get_credit
+from lightning.algorithms.gae import gae_advantages
+from lightning.algorithms.grpo import grpo_advantages, grpo_advantages_no_std
+from lightning.algorithms.kl import KL_ESTIMATORS, KLStats, kl_k1, kl_k2, kl_k3, kl_penalty_loss
+from lightning.algorithms.ppo import PPOStats, ppo_clip_loss, truncated_is_weights
+from lightning.algorithms.reinforce_pp import reinforce_pp_advantages, reinforce_pp_token_advantages
+from lightning.algorithms.rloo import rloo_advantages
+from lightning.algorithms.tokens import (
+    broadcast_to_tokens,
+    from_padded,
+    place_at_last_action,
+    to_padded,
+)
+
+__all__ = [
+    "AGGREGATORS",
+    "AIR",
+    "CREDIT",
+    "KL_ESTIMATORS",
+    "CISPOStats",
+    "KLStats",
+    "PPOStats",
+    "StepReward",
+    "assign_credit",
+    "broadcast_to_tokens",
+    "cispo_loss",
+    "final_answer_format",
+    "from_padded",
+    "gae_advantages",
+    "get_aggregator",
+    "get_credit",
+    "grpo_advantages",
+    "grpo_advantages_no_std",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_penalty_loss",
+    "place_at_last_action",
+    "ppo_clip_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_token_advantages",
+    "rloo_advantages",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum",
+    "to_padded",
+    "token_mean",
+    "truncated_is_weights",
+]
