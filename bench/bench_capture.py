@@ -117,7 +117,8 @@ def bench_capture(n_calls: int, blocks: int) -> dict[str, float]:
     }
 
 
-def bench_server(n_requests: int, max_tokens: int, repeats: int) -> dict[str, float]:
+def bench_server(n_requests: int, max_tokens: int, repeats: int,
+                 model: str = "tiny") -> dict[str, float]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import anyio
     import httpx
@@ -125,11 +126,11 @@ def bench_server(n_requests: int, max_tokens: int, repeats: int) -> dict[str, fl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lightning.engine.torch_engine import TorchEngine
-    from lightning.models import tiny_model_path
+    from lightning.models import default_model_path, tiny_model_path
     from lightning.serving import PolicyServer
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    path = tiny_model_path(seed=0)
+    path = tiny_model_path(seed=0) if model == "tiny" else default_model_path()
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                                  local_files_only=True).eval()
@@ -208,17 +209,25 @@ def main() -> None:
                     c["captured_p99_us"] - c["plain_p99_us"], "us"),
     ]
     n, m = (8, 16) if a.quick else (16, 32)
-    s = bench_server(n, m, 1 if a.quick else 3)
-    size = f"tiny,{n}req x {m}tok"
-    rows += [
+    for model in ("tiny",) if a.quick else ("tiny", "smollm2-135m"):
+        s = bench_server(n, m, 1 if a.quick or model != "tiny" else 3, model)
+        rows += _server_rows(f"{model},{n}req x {m}tok", s)
+    record(rows)
+
+
+def _server_rows(size: str, s: dict[str, float]) -> list:
+    from bench.harness import BenchResult
+
+    note = ("the tiny model's forward is trivial: per-step sampling over the 49k vocabulary "
+            "dominates, so batching gains less" if size.startswith("tiny") else "")
+    return [
         BenchResult("server", "sequential", size, "requests_per_s", s["seq_rps"], "1/s"),
         BenchResult("server", "concurrent", size, "requests_per_s", s["conc_rps"], "1/s"),
         BenchResult("server", "sequential", size, "tokens_per_s", s["seq_tps"], "1/s"),
         BenchResult("server", "concurrent", size, "tokens_per_s", s["conc_tps"], "1/s"),
         BenchResult("server", "concurrent/sequential", size, "token_throughput_ratio",
-                    s["conc_tps"] / s["seq_tps"], "x", "target > 3x"),
+                    s["conc_tps"] / s["seq_tps"], "x", "target > 3x; " + note),
     ]
-    record(rows)
 
 
 if __name__ == "__main__":
