@@ -1,0 +1,505 @@
+"""The embedded torch backend: one process, CPU or one GPU, a Hugging Face causal LM.
+
+Usage::
+
+    backend = TorchBackend()
+    backend.setup(model_path, TorchBackendConfig(lr=1e-6, micro_batch_tokens=4096))
+    metrics = backend.train_step(pack_sequences(seqs, advantages))
+    await engine.update_weights(backend.export_weights())
+
+A step
+    The packed :class:`~lightning.training.TrainBatch` is cut into micro-batches of whole
+    sequences (``micro_batch_tokens``). Each micro-batch is right-padded to ``[b, L]`` with
+    an attention mask and the batch's own ``position_ids`` (so attention never crosses
+    sequences) and run through the decoder *without* the LM head; the log-probs of the
+    action tokens come from :func:`lightning.kernels.logprobs.logprobs_from_hidden` on the
+    hidden state one position earlier and the output-embedding weight (tied or not), so
+    the ``[T, V]`` logits are never materialised. The loss (PPO-clip or CISPO, plus an
+    optional KL penalty to ``ref_logprobs``) is aggregated per micro-batch and scaled by
+    the micro-batch's share of the whole batch's aggregation units (action tokens for
+    ``token-mean``, sequences with an action for the ``seq-mean-*`` modes), so the summed
+    gradients equal those of one big batch exactly. Then the gradient norm is clipped and
+    AdamW steps once.
+
+Errors from torch/transformers/peft during a step are wrapped in
+:class:`lightning.BackendError` by :func:`map_torch_exceptions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import torch
+
+from lightning._errors import BackendError
+from lightning.algorithms.aggregate import get_aggregator
+from lightning.algorithms.cispo import cispo_loss
+from lightning.algorithms.kl import kl_penalty_loss
+from lightning.algorithms.ppo import ppo_clip_loss
+from lightning.algorithms.tokens import from_padded, seq_ids, to_padded
+from lightning.kernels.logprobs import logprobs_from_hidden
+from lightning.training.batch import TrainBatch, split_by_token_budget
+
+__all__ = ["TorchBackend", "TorchBackendConfig", "backend_class", "map_torch_exceptions"]
+
+_STATE_FILE = "trainer_state.json"
+_OPTIM_FILE = "optimizer.pt"
+_MODEL_DIR = "model"
+_FORMAT = 1
+
+
+class TorchBackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of :class:`TorchBackend` (load with ``msgspec.toml.decode(data, type=...)``)."""
+
+    lr: float = 1e-6
+    """AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW ``(beta1, beta2)``."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, applied to every trainable parameter."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; ``None`` only measures it."""
+    micro_batch_tokens: int = 8192
+    """Token budget of one forward/backward (whole sequences; a longer sequence runs alone).
+    Lower it to save memory: the update is the same, only slower."""
+    loss: Literal["ppo", "cispo"] = "ppo"
+    """Policy loss: ``ppo`` (PPO-clip with dual clip) or ``cispo`` (clipped IS weight)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How per-token losses reduce to a scalar (see :mod:`lightning.algorithms.aggregate`)."""
+    clip_ratio_low: float | None = None
+    """Lower clip ``eps``; ``None`` = the loss's default (PPO 0.2, CISPO 1.0: no lower clip)."""
+    clip_ratio_high: float = 0.2
+    """Upper clip ``eps`` (ratio clipped at ``1 + clip_ratio_high``)."""
+    clip_ratio_c: float | None = 3.0
+    """PPO dual-clip bound for negative advantages (> 1); ``None`` disables it."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to ``batch.ref_logprobs`` (ignored when the batch has none)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (see :mod:`lightning.algorithms.kl`)."""
+    temperature: float = 1.0
+    """Sampling temperature the log-probs are computed at (must match the sampler's)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    lora_rank: int = 0
+    """LoRA rank; 0 trains all weights. LoRA needs ``pip install peft``."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names that get LoRA adapters."""
+    device: str | None = None
+    """``cpu``, ``cuda``, ``cuda:1``...; ``None`` = CUDA when available, else CPU."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Parameter dtype; ``None`` = bfloat16 on a GPU that supports it (else float16), float32
+    on CPU."""
+    logprob_impl: str | None = None
+    """Log-prob kernel (``reference``, ``cpp``, ``triton``); ``None`` = fastest available."""
+    seed: int | None = None
+    """Seed torch's RNG at setup (LoRA init, dropout); ``None`` leaves it alone."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+
+
+@contextlib.contextmanager
+def map_torch_exceptions(what: str) -> Iterator[None]:
+    """Turn framework failures (torch, transformers, peft) into :class:`BackendError`."""
+    try:
+        yield
+    except (BackendError, LookupError, ValueError, TypeError):
+        raise
+    except (RuntimeError, OSError, torch.cuda.OutOfMemoryError) as exc:
+        hint = ""
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
+            hint = "; lower micro_batch_tokens or enable gradient_checkpointing"
+        raise BackendError(f"torch backend: {what} failed: {exc}{hint}") from exc
+
+
+def _as_config(config: Any) -> TorchBackendConfig:
+    if config is None:
+        return TorchBackendConfig()
+    if isinstance(config, TorchBackendConfig):
+        return config
+    try:
+        return msgspec.convert(config, type=TorchBackendConfig)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid torch backend config: {exc}") from exc
+
+
+def _pick_device_dtype(cfg: TorchBackendConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.dtype is not None:
+        return device, getattr(torch, cfg.dtype)
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+class TorchBackend:
+    """Single-process trainer over a Hugging Face causal LM. Satisfies ``Backend``."""
+
+    def __init__(self) -> None:
+        self._cfg = TorchBackendConfig()
+        self._model: Any = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._device = torch.device("cpu")
+        self._lora = False
+        self.step = 0
+        """Optimizer steps taken (restored by :meth:`load`)."""
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def model(self) -> Any:
+        """The trained module (a ``PeftModel`` when LoRA is on)."""
+        self._check_ready()
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        self._check_ready()
+        assert self._optimizer is not None
+        return self._optimizer
+
+    def setup(self, model_path: str, config: Any = None) -> None:
+        """Load the checkpoint at ``model_path`` and build AdamW.
+
+        ``config`` is a :class:`TorchBackendConfig`, a dict of its fields, or None.
+
+        Raises:
+            ValueError: an invalid config.
+            LookupError: LoRA was asked for and ``peft`` is not installed.
+            BackendError: the checkpoint cannot be loaded.
+        """
+        from transformers import AutoModelForCausalLM
+
+        cfg = _as_config(config)
+        self._cfg = cfg
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        device, dtype = _pick_device_dtype(cfg)
+        if cfg.lora_rank > 0:
+            try:
+                import peft
+            except ImportError as exc:
+                raise LookupError(
+                    "lora_rank > 0 needs the 'peft' package, which is not installed: pip install peft"
+                ) from exc
+        with map_torch_exceptions(f"loading {model_path!r}"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_path), dtype=dtype, local_files_only=True
+            ).to(device)
+        if cfg.gradient_checkpointing:
+            if hasattr(
+                model, "activation_checkpointing_enable"
+            ):  # newer transformers; the old name warns
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            model.config.use_cache = False
+        if cfg.lora_rank > 0:
+            lora_cfg = peft.LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_target_modules),
+                task_type="CAUSAL_LM",
+            )
+            with warnings.catch_warnings():
+                # peft <= 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
+                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+                model = peft.get_peft_model(model, lora_cfg)
+        model.train()
+        self._model, self._device, self._lora = model, device, cfg.lora_rank > 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        self.step = 0
+
+    def _check_ready(self) -> None:
+        if self._model is None:
+            raise BackendError(
+                "the torch backend is not set up: call setup(model_path, config) first"
+            )
+
+    # ------------------------------------------------------------------ log-probs
+
+    def _decoder_and_head(self) -> tuple[Any, torch.Tensor]:
+        model = self._model.get_base_model() if self._lora else self._model
+        return model.get_decoder(), model.get_output_embeddings().weight  # weight [V, H]
+
+    def _action_logprobs(self, mb: TrainBatch) -> torch.Tensor:
+        """Log-probs of ``mb``'s action tokens under the current weights, float32 ``[T_mb]``
+        (0 off actions); differentiable when grad is enabled."""
+        decoder, weight = self._decoder_and_head()
+        cu = mb.cu_seqlens  # [b + 1]
+        ids = to_padded(mb.input_ids, cu, pad=0)  # [b, L]
+        pos = to_padded(mb.position_ids, cu, pad=0)  # [b, L]
+        attn = to_padded(torch.ones_like(mb.input_ids), cu, pad=0)  # [b, L]
+        out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        hidden_padded = out.last_hidden_state  # [b, L, H]
+        hidden = from_padded(hidden_padded, cu)  # [T_mb, H]
+        act = mb.action_mask.nonzero().squeeze(-1)  # [N]: action positions (never a sequence start)
+        lp = logprobs_from_hidden(
+            hidden[act - 1],  # [N, H]: the hidden state one position before each action
+            weight,  # [V, H]
+            mb.input_ids[act],  # [N]
+            temperature=self._cfg.temperature,
+            impl=self._cfg.logprob_impl,
+        ).logprobs  # [N] fp32
+        full = torch.zeros(mb.num_tokens, dtype=torch.float32, device=lp.device)  # [T_mb]
+        return full.index_put((act,), lp)  # [T_mb]
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Log-probs of the action tokens under the current weights, float32 ``[T]`` on CPU
+        (0 elsewhere). Use it for reference/old log-probs, or to compare with the sampler."""
+        self._check_ready()
+        batch = batch.to(self._device)
+        parts = []
+        with map_torch_exceptions("computing log-probs"):
+            for mb in split_by_token_budget(batch, self._cfg.micro_batch_tokens):
+                parts.append(self._action_logprobs(mb))  # [T_mb]
+        return torch.cat(parts).cpu()  # [T]
+
+    # ------------------------------------------------------------------ train
+
+    def _units(self, batch: TrainBatch) -> float:
+        """Aggregation units of ``batch``: action tokens, or sequences with an action."""
+        if self._cfg.loss_agg == "token-mean":
+            return float(batch.action_mask.sum())
+        counts = torch.zeros(batch.num_sequences, device=batch.action_mask.device)  # [B]
+        counts = counts.index_add(0, seq_ids(batch.cu_seqlens), batch.action_mask.float())  # [B]
+        return float((counts > 0).sum())
+
+    def _policy_loss(self, lp: torch.Tensor, mb: TrainBatch) -> tuple[torch.Tensor, Any]:
+        cfg = self._cfg
+        agg = get_aggregator(cfg.loss_agg)
+        if cfg.loss == "cispo":
+            return cispo_loss(
+                lp,
+                mb.old_logprobs,
+                mb.advantages,
+                mb.action_mask,
+                mb.cu_seqlens,
+                clip_ratio_low=1.0 if cfg.clip_ratio_low is None else cfg.clip_ratio_low,
+                clip_ratio_high=cfg.clip_ratio_high,
+                is_weights=mb.is_weights,
+                agg=agg,
+            )  # [], CISPOStats
+        return ppo_clip_loss(
+            lp,
+            mb.old_logprobs,
+            mb.advantages,
+            mb.action_mask,
+            mb.cu_seqlens,
+            clip_ratio_low=0.2 if cfg.clip_ratio_low is None else cfg.clip_ratio_low,
+            clip_ratio_high=cfg.clip_ratio_high,
+            clip_ratio_c=cfg.clip_ratio_c,
+            is_weights=mb.is_weights,
+            agg=agg,
+        )  # [], PPOStats
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on ``batch`` (gradients accumulated over micro-batches).
+
+        Returns namespaced float metrics: ``loss/policy``, ``loss/kl``, ``loss/total``,
+        ``actor/grad_norm``, ``actor/clip_frac``, ``actor/approx_kl``,
+        ``actor/logprob_gap`` (mean ``|trainer - sampler|`` log-prob on action tokens,
+        before the update), ``actor/lr``, ``perf/tokens``, ``perf/action_tokens``,
+        ``perf/micro_batches``, ``perf/step_s``, ``train/step``. A batch without action
+        tokens takes no optimizer step (``actor/skipped`` = 1).
+        """
+        self._check_ready()
+        assert self._optimizer is not None
+        cfg = self._cfg
+        t0 = time.perf_counter()
+        batch = batch.to(self._device)
+        n_act = float(batch.action_mask.sum())
+        total_units = self._units(batch)
+        use_kl = cfg.kl_coef > 0 and batch.ref_logprobs is not None
+        micro = split_by_token_budget(batch, cfg.micro_batch_tokens)
+        sums = dict.fromkeys(("policy", "kl", "clip_frac", "approx_kl", "gap"), 0.0)
+        self._model.train()
+        self._optimizer.zero_grad(set_to_none=True)
+        with map_torch_exceptions("train_step"):
+            for mb in micro:
+                units = self._units(mb)
+                if units == 0:
+                    continue
+                w = units / total_units  # share of the big batch's aggregation
+                tok_w = float(mb.action_mask.sum()) / n_act
+                lp = self._action_logprobs(mb)  # [T_mb]
+                loss, stats = self._policy_loss(lp, mb)  # [], stats
+                total = loss  # []
+                if use_kl:
+                    assert mb.ref_logprobs is not None
+                    kl, _ = kl_penalty_loss(
+                        lp,
+                        mb.ref_logprobs,
+                        mb.action_mask,
+                        mb.cu_seqlens,
+                        estimator=cfg.kl_estimator,
+                        agg=get_aggregator(cfg.loss_agg),
+                    )  # [], KLStats
+                    total = total + cfg.kl_coef * kl  # []
+                    sums["kl"] += float(kl.detach()) * w
+                (total * w).backward()
+                m = mb.action_mask  # [T_mb]
+                gap = ((lp.detach() - mb.old_logprobs).abs() * m).sum() / m.sum()  # []
+                sums["policy"] += float(loss.detach()) * w
+                sums["clip_frac"] += float(stats.clip_frac) * tok_w
+                sums["approx_kl"] += float(stats.approx_kl) * tok_w
+                sums["gap"] += float(gap) * tok_w
+            skipped = total_units == 0
+            params = [p for g in self._optimizer.param_groups for p in g["params"]]
+            grad_norm = 0.0
+            if not skipped:
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                self._optimizer.step()
+                self.step += 1
+            self._optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss/policy": sums["policy"],
+            "loss/kl": sums["kl"],
+            "loss/total": sums["policy"] + cfg.kl_coef * sums["kl"],
+            "actor/grad_norm": grad_norm,
+            "actor/clip_frac": sums["clip_frac"],
+            "actor/approx_kl": sums["approx_kl"],
+            "actor/logprob_gap": sums["gap"],
+            "actor/lr": float(self._optimizer.param_groups[0]["lr"]),
+            "actor/skipped": float(skipped),
+            "perf/tokens": float(batch.num_tokens),
+            "perf/action_tokens": n_act,
+            "perf/micro_batches": float(len(micro)),
+            "perf/step_s": time.perf_counter() - t0,
+            "train/step": float(self.step),
+        }
+
+    # ------------------------------------------------------------------ weights
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the full model's weights, named as in the plain HF model's
+        ``state_dict()`` (LoRA merged in), on the training device: pass them to
+        ``engine.update_weights``. Tied tensors are copied once and shared."""
+        self._check_ready()
+        with torch.no_grad(), map_torch_exceptions("export_weights"):
+            if self._lora:
+                return self._export_lora_merged()
+            copies: dict[tuple[int, torch.Size, torch.dtype], torch.Tensor] = {}
+            out = {}
+            for name, t in self._model.state_dict().items():
+                key = (t.data_ptr(), t.shape, t.dtype)
+                if key not in copies:
+                    copies[key] = t.detach().clone()
+                out[name] = copies[key]
+            return out
+
+    def _export_lora_merged(self) -> dict[str, torch.Tensor]:
+        """``W + delta`` per adapted layer, computed out of place: peft's merge_adapter /
+        unmerge_adapter would round the trained base weights a little on every export."""
+        from peft.tuners.lora import LoraLayer
+
+        base = self._model.get_base_model()
+        out = {
+            name.replace(".base_layer.", "."): t.detach().clone()
+            for name, t in base.state_dict().items()
+            if "lora_" not in name
+        }
+        for mod_name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                key = f"{mod_name}.weight"
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        out[key] = out[key] + module.get_delta_weight(adapter).to(out[key].dtype)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path: str) -> None:
+        """Write ``path/model`` (``save_pretrained``: the model, or the LoRA adapter),
+        ``path/optimizer.pt`` and ``path/trainer_state.json`` (the step)."""
+        self._check_ready()
+        assert self._optimizer is not None
+        root = Path(path)
+        with map_torch_exceptions(f"saving to {str(root)!r}"):
+            root.mkdir(parents=True, exist_ok=True)
+            self._model.save_pretrained(str(root / _MODEL_DIR))
+            torch.save(self._optimizer.state_dict(), root / _OPTIM_FILE)
+            state = {"format": _FORMAT, "step": self.step, "lora": self._lora}
+            (root / _STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    def load(self, path: str) -> None:
+        """Restore weights, optimizer state and step written by :meth:`save` into the set-up
+        model (same architecture and LoRA setting).
+
+        Raises:
+            BackendError: the checkpoint is missing, incomplete or does not fit.
+        """
+        from safetensors.torch import load_file
+
+        self._check_ready()
+        assert self._optimizer is not None
+        root = Path(path)
+        with map_torch_exceptions(f"loading the checkpoint {str(root)!r}"):
+            try:
+                state = json.loads((root / _STATE_FILE).read_text())
+            except FileNotFoundError as exc:
+                raise BackendError(
+                    f"{str(root)!r} is not a torch-backend checkpoint (no {_STATE_FILE}); "
+                    "pass a directory written by TorchBackend.save"
+                ) from exc
+            if bool(state.get("lora")) != self._lora:
+                raise BackendError(
+                    f"checkpoint lora={state.get('lora')} but this backend has lora={self._lora}: "
+                    "set up with the same lora_rank it was saved with"
+                )
+            model_dir = root / _MODEL_DIR
+            if self._lora:
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(
+                    self._model, load_file(str(model_dir / "adapter_model.safetensors"))
+                )
+            else:
+                tensors: dict[str, torch.Tensor] = {}
+                for f in sorted(model_dir.glob("*.safetensors")):
+                    tensors.update(load_file(str(f)))
+                if not tensors:
+                    raise BackendError(f"no safetensors weights in {str(model_dir)!r}")
+                missing, unexpected = self._model.load_state_dict(tensors, strict=False)
+                tied = {k for k in missing if k == "lm_head.weight"}
+                if set(missing) - tied or unexpected:
+                    raise BackendError(
+                        f"checkpoint weights do not fit the model: missing {list(missing)[:3]}, "
+                        f"unexpected {list(unexpected)[:3]}"
+                    )
+            self._optimizer.load_state_dict(
+                torch.load(root / _OPTIM_FILE, map_location=self._device, weights_only=True)
+            )
+            self.step = int(state["step"])
+
+
+backend_class = TorchBackend
