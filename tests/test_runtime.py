@@ -271,3 +271,17 @@ async def test_orphan_log_with_a_gap_is_replayed_in_consecutive_frames(tmp_path)
     assert sorted(t.rollout_id for t in daemon.buffer._items) == ["a", "b"]
     assert daemon.stats()["events_lost_by_client"] == 2
     assert not d.exists()
+
+
+async def test_linger_groups_trickling_events_into_one_frame(tmp_path):
+    hub = MemoryHub()
+    async with anyio.create_task_group() as tg:
+        await _serve_daemon(tg, tmp_path, hub)
+        async with lightning.session(transport=hub.connect(), linger_s=0.2,
+                                     **_runtime_kw(tmp_path)) as rt:
+            await agent(0, 3)  # 6 events, recorded within far less than the linger
+            await anyio.sleep(0.05)
+            assert rt.counters["frames_sent"] == 0  # still waiting for company
+            await _wait(lambda: rt.pending_events() == 0, 5)
+            assert rt.counters["frames_sent"] == 1
+        tg.cancel_scope.cancel()
