@@ -35,11 +35,16 @@ Aggregator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(loss_mat[T], mask[T], cu_seqlens[B + 1]) -> scalar``."""
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the tokens where ``mask`` is set (0 when none is)."""
+    m = mask.to(x.dtype)  # [T]
+    return (x * m).sum() / m.sum().clamp(min=1)  # []
+
+
 def token_mean(
     loss_mat: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor
 ) -> torch.Tensor:
-    m = mask.to(loss_mat.dtype)  # [T]
-    return (loss_mat * m).sum() / m.sum().clamp(min=1)  # []
+    return masked_mean(loss_mat, mask)  # []
 
 
 def _per_seq(

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from lightning.algorithms.aggregate import Aggregator, get_aggregator
+from lightning.algorithms.aggregate import Aggregator, get_aggregator, masked_mean
 
 __all__ = ["CISPOStats", "cispo_loss"]
 
@@ -33,10 +33,6 @@ class CISPOStats(NamedTuple):
     """Mean of ``old_logp - logp``."""
     ratio_mean: torch.Tensor
     ratio_max: torch.Tensor
-
-
-def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (x * m).sum() / m.sum().clamp(min=1)  # []
 
 
 def cispo_loss(
@@ -67,9 +63,9 @@ def cispo_loss(
     with torch.no_grad():
         keep = mask.bool()  # [T]
         stats = CISPOStats(  # [] each
-            clip_frac=_masked_mean((ratio != w).to(m.dtype), m),
-            approx_kl=_masked_mean(-neg_kl, m),
-            ratio_mean=_masked_mean(ratio, m),
+            clip_frac=masked_mean((ratio != w).to(m.dtype), m),
+            approx_kl=masked_mean(-neg_kl, m),
+            ratio_mean=masked_mean(ratio, m),
             ratio_max=ratio[keep].max() if bool(keep.any()) else ratio.new_zeros(()),
         )
     return loss, CISPOStats(*(s.detach() for s in stats))

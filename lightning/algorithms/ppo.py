@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from lightning.algorithms.aggregate import Aggregator, get_aggregator
+from lightning.algorithms.aggregate import Aggregator, get_aggregator, masked_mean
 
 __all__ = ["PPOStats", "ppo_clip_loss", "truncated_is_weights"]
 
@@ -38,10 +38,6 @@ class PPOStats(NamedTuple):
     """Mean of ``old_logp - logp`` (k1 estimate of KL(old || new); verl's ``ppo_kl``)."""
     ratio_mean: torch.Tensor
     ratio_max: torch.Tensor
-
-
-def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (x * m).sum() / m.sum().clamp(min=1)  # []
 
 
 def ppo_clip_loss(
@@ -89,10 +85,10 @@ def ppo_clip_loss(
     with torch.no_grad():
         keep = mask.bool()  # [T]
         stats = PPOStats(  # [] each
-            clip_frac=_masked_mean((l2 > l1).to(m.dtype), m),
-            clip_frac_lower=_masked_mean(lower, m),
-            approx_kl=_masked_mean(-neg_kl, m),
-            ratio_mean=_masked_mean(ratio, m),
+            clip_frac=masked_mean((l2 > l1).to(m.dtype), m),
+            clip_frac_lower=masked_mean(lower, m),
+            approx_kl=masked_mean(-neg_kl, m),
+            ratio_mean=masked_mean(ratio, m),
             ratio_max=ratio[keep].max() if bool(keep.any()) else ratio.new_zeros(()),
         )
     return loss, PPOStats(*(s.detach() for s in stats))
