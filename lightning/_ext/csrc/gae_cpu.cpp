@@ -10,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
+#include "gae_checks.h"
 
 namespace lightning_rl {
 namespace {
@@ -70,25 +70,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards,
                                            const std::optional<at::Tensor>& mask,
                                            const at::Tensor& cu_seqlens, double gamma,
                                            double lam) {
-  CHECK_CPU(rewards);
-  CHECK_DIM(rewards, 1);
-  CHECK_CONTIGUOUS(rewards);
-  CHECK_FLOATING(rewards);
+  check_gae_inputs(rewards, values, mask, c10::DeviceType::CPU);
   const int64_t T = rewards.numel();
-  if (values.has_value()) {
-    CHECK_CPU(*values);
-    CHECK_CONTIGUOUS(*values);
-    CHECK_SHAPE(*values, T);
-    TORCH_CHECK(values->scalar_type() == rewards.scalar_type(),
-                "values must have the dtype of rewards (", rewards.scalar_type(), "), got ",
-                values->scalar_type());
-  }
-  if (mask.has_value()) {
-    CHECK_CPU(*mask);
-    CHECK_CONTIGUOUS(*mask);
-    CHECK_SHAPE(*mask, T);
-    CHECK_MASK(*mask);
-  }
   const std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens, T);
   at::Tensor adv = at::empty({T}, rewards.options().dtype(at::kFloat));  // [T]
   at::Tensor ret = at::empty({T}, rewards.options().dtype(at::kFloat));  // [T]

@@ -7,7 +7,7 @@
 
 #include <tuple>
 
-#include "../checks.h"
+#include "../gae_checks.h"
 #include "gae_kernel.cuh"
 
 namespace lightning_rl {
@@ -18,25 +18,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards,
                                             const std::optional<at::Tensor>& mask,
                                             const at::Tensor& cu_seqlens, double gamma,
                                             double lam) {
-  CHECK_CUDA(rewards);
-  CHECK_DIM(rewards, 1);
-  CHECK_CONTIGUOUS(rewards);
-  CHECK_FLOATING(rewards);
+  check_gae_inputs(rewards, values, mask, c10::DeviceType::CUDA);
   const int64_t T = rewards.numel();
-  if (values.has_value()) {
-    CHECK_CUDA(*values);
-    CHECK_CONTIGUOUS(*values);
-    CHECK_SHAPE(*values, T);
-    TORCH_CHECK(values->scalar_type() == rewards.scalar_type(),
-                "values must have the dtype of rewards (", rewards.scalar_type(), "), got ",
-                values->scalar_type());
-  }
-  if (mask.has_value()) {
-    CHECK_CUDA(*mask);
-    CHECK_CONTIGUOUS(*mask);
-    CHECK_SHAPE(*mask, T);
-    CHECK_MASK(*mask);
-  }
   CHECK_CUDA(cu_seqlens);
   CHECK_DIM(cu_seqlens, 1);
   CHECK_CONTIGUOUS(cu_seqlens);
