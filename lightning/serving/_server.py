@@ -424,9 +424,7 @@ class PolicyServer:
         created = int(time.time())
         model = body["model"]
         filters = {i: ToolCallStreamFilter() for i in range(params.n)} if has_tools else {}
-        acc: dict[int, dict[str, Any]] = {
-            i: {"ids": [], "lps": [], "text": "", "version": -1} for i in range(params.n)
-        }
+        acc = {i: _StreamedChoice(-1) for i in range(params.n)}
         first = True
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -446,10 +444,7 @@ class PolicyServer:
         async with _aclosing(stream):
             async for d in stream:
                 a = acc[d.index]
-                a["ids"] += d.token_ids
-                a["lps"] += d.logprobs
-                a["text"] += d.text
-                a["version"] = d.policy_version
+                a.add(d)
                 completion_tokens += len(d.token_ids)
                 text = filters[d.index].feed(d.text) if has_tools else d.text
                 delta: dict[str, Any] = {"content": text} if text else {}
@@ -461,7 +456,7 @@ class PolicyServer:
                     if calls:
                         delta["tool_calls"] = [{**c, "index": k} for k, c in enumerate(calls)]
                         finish = "tool_calls"
-                    a["calls"] = calls
+                    a.calls = calls
                 choice: dict[str, Any] = {"index": d.index, "delta": delta,
                                           "finish_reason": finish, "token_ids": d.token_ids,
                                           "logprobs": None}
@@ -474,10 +469,10 @@ class PolicyServer:
                     ]}
                 yield chunk([choice], policy_version=d.policy_version)
                 if finish is not None:
-                    self._capture(ctx, prompt_ids, a["ids"], a["lps"], a["version"], finish,
-                                  {"request": _request_summary(body), "text": a["text"],
-                                   "tool_calls": a.get("calls", []), "choice_index": d.index,
-                                   "stream": True})
+                    self._capture(ctx, prompt_ids, a.token_ids, a.logprobs, a.policy_version,
+                                  finish, {"request": _request_summary(body), "text": a.text,
+                                           "tool_calls": a.calls, "choice_index": d.index,
+                                           "stream": True})
         if include_usage:
             yield chunk([], usage={"prompt_tokens": len(prompt_ids),
                                    "completion_tokens": completion_tokens,
@@ -599,16 +594,13 @@ class PolicyServer:
                                   want_lp: bool, cid: str, ctx: _Ctx,
                                   body: dict[str, Any]) -> AsyncIterator[bytes]:
         created = int(time.time())
-        acc: dict[int, dict[str, Any]] = {i: {"ids": [], "lps": [], "text": ""}
-                                          for i in range(params.n)}
+        acc = {i: _StreamedChoice(-1) for i in range(params.n)}
         first = True
         stream = self.engine.generate_stream(prompt_ids, params)
         async with _aclosing(stream):
             async for d in stream:
                 a = acc[d.index]
-                a["ids"] += d.token_ids
-                a["lps"] += d.logprobs
-                a["text"] += d.text
+                a.add(d)
                 choice = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
                           "token_ids": d.token_ids,
                           "logprobs": self._legacy_logprobs(d.token_ids, d.logprobs,
@@ -622,9 +614,9 @@ class PolicyServer:
                     first = False
                 yield b"data: " + _json.encode(payload) + b"\n\n"
                 if d.finish_reason is not None:
-                    self._capture(ctx, prompt_ids, a["ids"], a["lps"], d.policy_version,
-                                  d.finish_reason, {"request": _request_summary(body),
-                                                    "text": a["text"], "choice_index": d.index,
+                    self._capture(ctx, prompt_ids, a.token_ids, a.logprobs, a.policy_version,
+                                  a.finish_reason, {"request": _request_summary(body),
+                                                    "text": a.text, "choice_index": d.index,
                                                     "stream": True})
         yield b"data: [DONE]\n\n"
 
@@ -726,18 +718,12 @@ class PolicyServer:
         yield event("response.content_part.added", item_id=msg_id, output_index=0,
                     content_index=0, part=part)
         filt = ToolCallStreamFilter() if has_tools else None
-        ids: list[int] = []
-        lps: list[float] = []
-        text = ""
+        c = _StreamedChoice(self.engine.policy_version)
         shown = ""
-        last = None
         stream = self.engine.generate_stream(prompt_ids, params)
         async with _aclosing(stream):
             async for d in stream:
-                ids += d.token_ids
-                lps += d.logprobs
-                text += d.text
-                last = d
+                c.add(d)
                 delta = filt.feed(d.text) if filt else d.text
                 if delta:
                     shown += delta
@@ -770,12 +756,10 @@ class PolicyServer:
             fc = {**fc, "status": "completed"}
             yield event("response.output_item.done", output_index=k, item=fc)
             output.append(fc)
-        c = _StreamedChoice(ids, lps, last.finish_reason if last else "stop",
-                            last.policy_version if last else self.engine.policy_version)
         final = self._response_object(base, output, prompt_ids, c, "completed")
-        self._capture(ctx, prompt_ids, ids, lps, c.policy_version, c.finish_reason,
-                      {"request": _request_summary(body), "text": text,
-                       "tool_calls": _calls_of(output), "stream": True})
+        self._capture(ctx, prompt_ids, c.token_ids, c.logprobs, c.policy_version,
+                      c.finish_reason, {"request": _request_summary(body), "text": c.text,
+                                        "tool_calls": _calls_of(output), "stream": True})
         yield event("response.completed" if final["status"] == "completed"
                     else "response.incomplete", response=final)
 
@@ -852,11 +836,25 @@ class PolicyServer:
 
 
 class _StreamedChoice:
-    __slots__ = ("token_ids", "logprobs", "finish_reason", "policy_version")
+    """One choice accumulated from streamed deltas (what capture and final events need)."""
 
-    def __init__(self, ids, lps, finish, version) -> None:
-        self.token_ids, self.logprobs = ids, lps
-        self.finish_reason, self.policy_version = finish, version
+    __slots__ = ("token_ids", "logprobs", "text", "finish_reason", "policy_version", "calls")
+
+    def __init__(self, policy_version: int) -> None:
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.finish_reason: str = "stop"
+        self.policy_version = policy_version
+        self.calls: list[dict[str, Any]] = []
+
+    def add(self, d: Any) -> None:
+        self.token_ids += d.token_ids
+        self.logprobs += d.logprobs
+        self.text += d.text
+        self.policy_version = d.policy_version
+        if d.finish_reason is not None:
+            self.finish_reason = d.finish_reason
 
 
 class _aclosing:
