@@ -40,13 +40,9 @@ import msgspec
 import torch
 
 from lightning._errors import BackendError
-from lightning.algorithms.aggregate import get_aggregator
-from lightning.algorithms.cispo import cispo_loss
-from lightning.algorithms.kl import kl_penalty_loss
-from lightning.algorithms.ppo import ppo_clip_loss
-from lightning.algorithms.tokens import from_padded, seq_ids, to_padded
-from lightning.kernels.logprobs import logprobs_from_hidden
 from lightning.training.batch import TrainBatch, split_by_token_budget
+
+from ._common import StepSums, action_logprobs, agg_units, micro_batch_loss, step_metrics
 
 __all__ = ["TorchBackend", "TorchBackendConfig", "backend_class", "map_torch_exceptions"]
 
@@ -253,23 +249,9 @@ class TorchBackend:
         """Log-probs of ``mb``'s action tokens under the current weights, float32 ``[T_mb]``
         (0 off actions); differentiable when grad is enabled."""
         decoder, weight = self._decoder_and_head()
-        cu = mb.cu_seqlens  # [b + 1]
-        ids = to_padded(mb.input_ids, cu, pad=0)  # [b, L]
-        pos = to_padded(mb.position_ids, cu, pad=0)  # [b, L]
-        attn = to_padded(torch.ones_like(mb.input_ids), cu, pad=0)  # [b, L]
-        out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-        hidden_padded = out.last_hidden_state  # [b, L, H]
-        hidden = from_padded(hidden_padded, cu)  # [T_mb, H]
-        act = mb.action_mask.nonzero().squeeze(-1)  # [N]: action positions (never a sequence start)
-        lp = logprobs_from_hidden(
-            hidden[act - 1],  # [N, H]: the hidden state one position before each action
-            weight,  # [V, H]
-            mb.input_ids[act],  # [N]
-            temperature=self._cfg.temperature,
-            impl=self._cfg.logprob_impl,
-        ).logprobs  # [N] fp32
-        full = torch.zeros(mb.num_tokens, dtype=torch.float32, device=lp.device)  # [T_mb]
-        return full.index_put((act,), lp)  # [T_mb]
+        return action_logprobs(
+            decoder, weight, mb, temperature=self._cfg.temperature, impl=self._cfg.logprob_impl
+        )  # [T_mb]
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -284,42 +266,6 @@ class TorchBackend:
         return torch.cat(parts).cpu()  # [T]
 
     # ------------------------------------------------------------------ train
-
-    def _units(self, batch: TrainBatch) -> float:
-        """Aggregation units of ``batch``: action tokens, or sequences with an action."""
-        if self._cfg.loss_agg == "token-mean":
-            return float(batch.action_mask.sum())
-        counts = torch.zeros(batch.num_sequences, device=batch.action_mask.device)  # [B]
-        counts = counts.index_add(0, seq_ids(batch.cu_seqlens), batch.action_mask.float())  # [B]
-        return float((counts > 0).sum())
-
-    def _policy_loss(self, lp: torch.Tensor, mb: TrainBatch) -> tuple[torch.Tensor, Any]:
-        cfg = self._cfg
-        agg = get_aggregator(cfg.loss_agg)
-        if cfg.loss == "cispo":
-            return cispo_loss(
-                lp,
-                mb.old_logprobs,
-                mb.advantages,
-                mb.action_mask,
-                mb.cu_seqlens,
-                clip_ratio_low=1.0 if cfg.clip_ratio_low is None else cfg.clip_ratio_low,
-                clip_ratio_high=cfg.clip_ratio_high,
-                is_weights=mb.is_weights,
-                agg=agg,
-            )  # [], CISPOStats
-        return ppo_clip_loss(
-            lp,
-            mb.old_logprobs,
-            mb.advantages,
-            mb.action_mask,
-            mb.cu_seqlens,
-            clip_ratio_low=0.2 if cfg.clip_ratio_low is None else cfg.clip_ratio_low,
-            clip_ratio_high=cfg.clip_ratio_high,
-            clip_ratio_c=cfg.clip_ratio_c,
-            is_weights=mb.is_weights,
-            agg=agg,
-        )  # [], PPOStats
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on ``batch`` (gradients accumulated over micro-batches).
@@ -337,41 +283,22 @@ class TorchBackend:
         t0 = time.perf_counter()
         batch = batch.to(self._device)
         n_act = float(batch.action_mask.sum())
-        total_units = self._units(batch)
+        total_units = agg_units(batch, cfg.loss_agg)
         use_kl = cfg.kl_coef > 0 and batch.ref_logprobs is not None
         micro = split_by_token_budget(batch, cfg.micro_batch_tokens)
-        sums = dict.fromkeys(("policy", "kl", "clip_frac", "approx_kl", "gap"), 0.0)
+        sums = StepSums()
         self._model.train()
         self._optimizer.zero_grad(set_to_none=True)
         with map_torch_exceptions("train_step"):
             for mb in micro:
-                units = self._units(mb)
+                units = agg_units(mb, cfg.loss_agg)
                 if units == 0:
                     continue
                 w = units / total_units  # share of the big batch's aggregation
                 tok_w = float(mb.action_mask.sum()) / n_act
                 lp = self._action_logprobs(mb)  # [T_mb]
-                loss, stats = self._policy_loss(lp, mb)  # [], stats
-                total = loss  # []
-                if use_kl:
-                    assert mb.ref_logprobs is not None
-                    kl, _ = kl_penalty_loss(
-                        lp,
-                        mb.ref_logprobs,
-                        mb.action_mask,
-                        mb.cu_seqlens,
-                        estimator=cfg.kl_estimator,
-                        agg=get_aggregator(cfg.loss_agg),
-                    )  # [], KLStats
-                    total = total + cfg.kl_coef * kl  # []
-                    sums["kl"] += float(kl.detach()) * w
-                (total * w).backward()
-                m = mb.action_mask  # [T_mb]
-                gap = ((lp.detach() - mb.old_logprobs).abs() * m).sum() / m.sum()  # []
-                sums["policy"] += float(loss.detach()) * w
-                sums["clip_frac"] += float(stats.clip_frac) * tok_w
-                sums["approx_kl"] += float(stats.approx_kl) * tok_w
-                sums["gap"] += float(gap) * tok_w
+                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums)
+                loss.backward()
             skipped = total_units == 0
             params = [p for g in self._optimizer.param_groups for p in g["params"]]
             grad_norm = 0.0
@@ -381,22 +308,18 @@ class TorchBackend:
                 self._optimizer.step()
                 self.step += 1
             self._optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss/policy": sums["policy"],
-            "loss/kl": sums["kl"],
-            "loss/total": sums["policy"] + cfg.kl_coef * sums["kl"],
-            "actor/grad_norm": grad_norm,
-            "actor/clip_frac": sums["clip_frac"],
-            "actor/approx_kl": sums["approx_kl"],
-            "actor/logprob_gap": sums["gap"],
-            "actor/lr": float(self._optimizer.param_groups[0]["lr"]),
-            "actor/skipped": float(skipped),
-            "perf/tokens": float(batch.num_tokens),
-            "perf/action_tokens": n_act,
-            "perf/micro_batches": float(len(micro)),
-            "perf/step_s": time.perf_counter() - t0,
-            "train/step": float(self.step),
-        }
+        return step_metrics(
+            sums,
+            kl_coef=cfg.kl_coef,
+            grad_norm=grad_norm,
+            lr=float(self._optimizer.param_groups[0]["lr"]),
+            skipped=skipped,
+            tokens=batch.num_tokens,
+            action_tokens=n_act,
+            micro_batches=len(micro),
+            t0=t0,
+            step=self.step,
+        )
 
     # ------------------------------------------------------------------ weights
 

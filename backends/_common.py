@@ -1,0 +1,213 @@
+"""The micro-batch loss and step metrics shared by the torch and DeepSpeed backends.
+
+Both backends cut a :class:`~lightning.training.TrainBatch` into micro-batches of whole
+sequences (``split_by_token_budget``), compute the action log-probs of each without the
+``[T, V]`` logits (:func:`action_logprobs`), and scale each micro-batch's loss by its share
+of the whole batch's aggregation units (:func:`agg_units`), so the summed gradients equal
+those of one big batch. :func:`micro_batch_loss` is that per-micro-batch step (policy loss,
+optional KL, detached stats); :func:`step_metrics` turns the accumulated stats into the
+namespaced metrics both backends return. Only the framework around it (plain autograd +
+AdamW, or a DeepSpeed engine) differs.
+
+The config argument is duck-typed (:class:`LossSettings`): both backends' config structs
+have these fields with the same names and meanings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Protocol
+
+import torch
+
+from lightning.algorithms.aggregate import get_aggregator
+from lightning.algorithms.cispo import cispo_loss
+from lightning.algorithms.kl import kl_penalty_loss
+from lightning.algorithms.ppo import ppo_clip_loss
+from lightning.algorithms.tokens import from_padded, seq_ids, to_padded
+from lightning.kernels.logprobs import logprobs_from_hidden
+from lightning.training.batch import TrainBatch
+
+__all__ = [
+    "LossSettings",
+    "StepSums",
+    "action_logprobs",
+    "agg_units",
+    "micro_batch_loss",
+    "policy_loss",
+    "step_metrics",
+]
+
+
+class LossSettings(Protocol):
+    """The loss fields a backend config carries (see ``TorchBackendConfig`` for meanings)."""
+
+    loss: str
+    loss_agg: str
+    clip_ratio_low: float | None
+    clip_ratio_high: float
+    clip_ratio_c: float | None
+    kl_coef: float
+    kl_estimator: str
+    temperature: float
+    logprob_impl: str | None
+
+
+@dataclasses.dataclass
+class StepSums:
+    """Per-step sums of micro-batch stats, each already weighted by its micro-batch's share
+    (``w`` for losses, ``tok_w`` = share of action tokens for the rest)."""
+
+    policy: float = 0.0
+    kl: float = 0.0
+    clip_frac: float = 0.0
+    approx_kl: float = 0.0
+    gap: float = 0.0
+
+    def to_tensor(self) -> torch.Tensor:
+        """float64 ``[5]`` (for an all-reduce across data-parallel ranks)."""
+        return torch.tensor(dataclasses.astuple(self), dtype=torch.float64)  # [5]
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> StepSums:
+        return cls(*(float(x) for x in t.tolist()))
+
+
+def agg_units(batch: TrainBatch, loss_agg: str) -> float:
+    """Aggregation units of ``batch``: action tokens (``token-mean``), or sequences with at
+    least one action (the ``seq-mean-*`` modes)."""
+    if loss_agg == "token-mean":
+        return float(batch.action_mask.sum())
+    counts = torch.zeros(batch.num_sequences, device=batch.action_mask.device)  # [B]
+    counts = counts.index_add(0, seq_ids(batch.cu_seqlens), batch.action_mask.float())  # [B]
+    return float((counts > 0).sum())
+
+
+def action_logprobs(
+    decoder: Any, weight: torch.Tensor, mb: TrainBatch, *, temperature: float, impl: str | None
+) -> torch.Tensor:
+    """Log-probs of ``mb``'s action tokens, float32 ``[T_mb]`` (0 off actions); differentiable
+    when grad is enabled.
+
+    ``mb`` is right-padded to ``[b, L]`` with an attention mask and its own ``position_ids``
+    (attention never crosses sequences) and run through ``decoder`` (the model without its
+    LM head); the log-probs come from the hidden state one position before each action and
+    the output-embedding ``weight`` ``[V, H]``, chunked over the vocabulary.
+    """
+    cu = mb.cu_seqlens  # [b + 1]
+    ids = to_padded(mb.input_ids, cu, pad=0)  # [b, L]
+    pos = to_padded(mb.position_ids, cu, pad=0)  # [b, L]
+    attn = to_padded(torch.ones_like(mb.input_ids), cu, pad=0)  # [b, L]
+    out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    hidden_padded = out.last_hidden_state  # [b, L, H]
+    hidden = from_padded(hidden_padded, cu)  # [T_mb, H]
+    act = mb.action_mask.nonzero().squeeze(-1)  # [N]: action positions (never a sequence start)
+    lp = logprobs_from_hidden(
+        hidden[act - 1],  # [N, H]: the hidden state one position before each action
+        weight,  # [V, H]
+        mb.input_ids[act],  # [N]
+        temperature=temperature,
+        impl=impl,
+    ).logprobs  # [N] fp32
+    full = torch.zeros(mb.num_tokens, dtype=torch.float32, device=lp.device)  # [T_mb]
+    return full.index_put((act,), lp)  # [T_mb]
+
+
+def policy_loss(lp: torch.Tensor, mb: TrainBatch, cfg: LossSettings) -> tuple[torch.Tensor, Any]:
+    """``cfg.loss`` (PPO-clip or CISPO) of ``mb``'s action tokens: ``([], stats)``."""
+    agg = get_aggregator(cfg.loss_agg)
+    if cfg.loss == "cispo":
+        return cispo_loss(
+            lp,
+            mb.old_logprobs,
+            mb.advantages,
+            mb.action_mask,
+            mb.cu_seqlens,
+            clip_ratio_low=1.0 if cfg.clip_ratio_low is None else cfg.clip_ratio_low,
+            clip_ratio_high=cfg.clip_ratio_high,
+            is_weights=mb.is_weights,
+            agg=agg,
+        )  # [], CISPOStats
+    return ppo_clip_loss(
+        lp,
+        mb.old_logprobs,
+        mb.advantages,
+        mb.action_mask,
+        mb.cu_seqlens,
+        clip_ratio_low=0.2 if cfg.clip_ratio_low is None else cfg.clip_ratio_low,
+        clip_ratio_high=cfg.clip_ratio_high,
+        clip_ratio_c=cfg.clip_ratio_c,
+        is_weights=mb.is_weights,
+        agg=agg,
+    )  # [], PPOStats
+
+
+def micro_batch_loss(
+    lp: torch.Tensor,
+    mb: TrainBatch,
+    cfg: LossSettings,
+    *,
+    w: float,
+    tok_w: float,
+    use_kl: bool,
+    sums: StepSums,
+) -> torch.Tensor:
+    """The loss to back-propagate for one micro-batch, ``[]``: (policy loss + ``kl_coef`` *
+    KL) * ``w``, where ``w`` is the micro-batch's share of the batch's aggregation units.
+    Adds the micro-batch's detached stats to ``sums`` (``tok_w``: its share of the batch's
+    action tokens). ``lp`` is :func:`action_logprobs` of ``mb`` ``[T_mb]``."""
+    loss, stats = policy_loss(lp, mb, cfg)  # [], stats
+    total = loss  # []
+    if use_kl:
+        assert mb.ref_logprobs is not None
+        kl, _ = kl_penalty_loss(
+            lp,
+            mb.ref_logprobs,
+            mb.action_mask,
+            mb.cu_seqlens,
+            estimator=cfg.kl_estimator,
+            agg=get_aggregator(cfg.loss_agg),
+        )  # [], KLStats
+        total = total + cfg.kl_coef * kl  # []
+        sums.kl += float(kl.detach()) * w
+    m = mb.action_mask  # [T_mb]
+    gap = ((lp.detach() - mb.old_logprobs).abs() * m).sum() / m.sum()  # []
+    sums.policy += float(loss.detach()) * w
+    sums.clip_frac += float(stats.clip_frac) * tok_w
+    sums.approx_kl += float(stats.approx_kl) * tok_w
+    sums.gap += float(gap) * tok_w
+    return total * w  # []
+
+
+def step_metrics(
+    sums: StepSums,
+    *,
+    kl_coef: float,
+    grad_norm: float,
+    lr: float,
+    skipped: bool,
+    tokens: int,
+    action_tokens: float,
+    micro_batches: int,
+    t0: float,
+    step: int,
+) -> dict[str, float]:
+    """The namespaced metrics of one step (keys documented on ``TorchBackend.train_step``);
+    ``t0`` is the step's ``time.perf_counter()`` start."""
+    return {
+        "loss/policy": sums.policy,
+        "loss/kl": sums.kl,
+        "loss/total": sums.policy + kl_coef * sums.kl,
+        "actor/grad_norm": grad_norm,
+        "actor/clip_frac": sums.clip_frac,
+        "actor/approx_kl": sums.approx_kl,
+        "actor/logprob_gap": sums.gap,
+        "actor/lr": lr,
+        "actor/skipped": float(skipped),
+        "perf/tokens": float(tokens),
+        "perf/action_tokens": action_tokens,
+        "perf/micro_batches": float(micro_batches),
+        "perf/step_s": time.perf_counter() - t0,
+        "train/step": float(step),
+    }
