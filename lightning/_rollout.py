@@ -41,6 +41,7 @@ import inspect
 import math
 import numbers
 import os
+import sys
 import threading
 import time
 import uuid
@@ -100,6 +101,7 @@ class RolloutContext:
         "_lock",
         "_n_transitions",
         "_finished",
+        "_otel",
     )
 
     def __init__(
@@ -121,6 +123,7 @@ class RolloutContext:
         self._lock = threading.Lock()
         self._n_transitions = 0
         self._finished = False
+        self._otel: Any = None
 
     @property
     def n_transitions(self) -> int:
@@ -147,6 +150,38 @@ _options: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
     "lightning_rollout_options", default=None
 )
 _warned_no_runtime = False
+
+# OpenTelemetry export (lightning.otel): None costs one global read per recorded event.
+# With "opentelemetry.trace" imported and an SDK TracerProvider set globally, the first
+# rollout installs the exporter (LIGHTNING_OTEL_EXPORT=off disables that).
+_observer: Any = None
+_otel_auto = os.environ.get("LIGHTNING_OTEL_EXPORT", "auto").lower() not in ("0", "off", "false")
+_auto_instrument: Any = None
+_otel_logged: set[str] = set()
+
+
+def _get_observer() -> Any:
+    global _auto_instrument
+    obs = _observer
+    if obs is None and _otel_auto and "opentelemetry.trace" in sys.modules:
+        try:
+            if _auto_instrument is None:
+                from .otel._export import auto_instrument as _auto_instrument
+            obs = _auto_instrument()
+        except Exception as exc:  # noqa: BLE001 - tracing must never break the app
+            _otel_failed("install", exc)
+    return obs
+
+
+def _otel_failed(where: str, exc: BaseException) -> None:
+    """Log a failure of the span export once per place; the app goes on."""
+    key = "otel:" + where
+    if key not in _otel_logged:
+        _otel_logged.add(key)
+        logger.warning("otel.export_failed", where=where,
+                       error=f"{type(exc).__qualname__}: {exc}",
+                       hint="rollouts are recorded as usual; only their spans are missing")
+
 
 
 def current_rollout() -> RolloutContext | None:
@@ -266,6 +301,14 @@ class _RolloutSpec:
             parent=parent,
         )
         token = _current.set(ctx)
+        obs = _get_observer()
+        if obs is not None:
+            try:
+                ids = obs.rollout_begin(ctx)
+                if ids:
+                    metadata = {**metadata, **ids}
+            except Exception as exc:  # noqa: BLE001
+                _otel_failed("rollout", exc)
         _submit(
             RolloutStart(
                 rollout_id=ctx.rollout_id,
@@ -310,6 +353,11 @@ class _RolloutSpec:
                 ended_at=time.time(),
             )
         )
+        if ctx._otel is not None:  # ended by the exporter that began it
+            try:
+                ctx._otel[2].rollout_end(ctx, status, final, error)
+            except Exception as err:  # noqa: BLE001 - tracing must never break the app
+                _otel_failed("rollout", err)
 
 
 @overload
@@ -436,16 +484,20 @@ def emit_reward(
         return
     with ctx._lock:
         after = ctx._n_transitions
-    _submit(
-        Reward(
-            rollout_id=ctx.rollout_id,
-            value=reward_value,
-            name=reward_name,
-            components=components,
-            after=after,
-            created_at=time.time(),
-        )
+    event = Reward(
+        rollout_id=ctx.rollout_id,
+        value=reward_value,
+        name=reward_name,
+        components=components,
+        after=after,
+        created_at=time.time(),
     )
+    _submit(event)
+    if _observer is not None:
+        try:
+            _observer.reward(ctx, event)
+        except Exception as exc:  # noqa: BLE001
+            _otel_failed("reward", exc)
 
 
 def _finite(value: Any, what: str) -> float:
@@ -493,22 +545,26 @@ def record_transition(
     with ctx._lock:
         index = ctx._n_transitions
         ctx._n_transitions = index + 1
-    _submit(
-        Transition(
-            rollout_id=ctx.rollout_id,
-            index=index,
-            prompt_ids=prompt,
-            response_ids=response,
-            logprobs=lp,
-            policy_version=policy_version,
-            model=model,
-            finish_reason=finish_reason,
-            trainable=trainable,
-            latency_s=latency_s,
-            created_at=time.time(),
-            metadata=_builtins(metadata) if metadata else {},
-        )
+    event = Transition(
+        rollout_id=ctx.rollout_id,
+        index=index,
+        prompt_ids=prompt,
+        response_ids=response,
+        logprobs=lp,
+        policy_version=policy_version,
+        model=model,
+        finish_reason=finish_reason,
+        trainable=trainable,
+        latency_s=latency_s,
+        created_at=time.time(),
+        metadata=_builtins(metadata) if metadata else {},
     )
+    _submit(event)
+    if _observer is not None:
+        try:
+            _observer.transition(ctx, event)
+        except Exception as exc:  # noqa: BLE001
+            _otel_failed("transition", exc)
     return index
 
 
@@ -529,6 +585,7 @@ class SpanHandle:
         "error",
         "_ctx",
         "_token",
+        "_otel",
     )
 
     def __init__(self, name: str, kind: str, attributes: dict[str, Any], ctx) -> None:
@@ -542,6 +599,7 @@ class SpanHandle:
         self.error: str | None = None
         self._ctx = ctx
         self._token = None
+        self._otel: Any = None
 
     def set(self, **attributes: Any) -> None:
         self.attributes.update(attributes)
@@ -561,6 +619,11 @@ class SpanHandle:
         self.start_time = time.time()
         if self._ctx is not None:
             self._token = _current_span.set(self.span_id)
+            if _observer is not None:
+                try:
+                    _observer.span_enter(self)
+                except Exception as exc:  # noqa: BLE001
+                    _otel_failed("span", exc)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -572,21 +635,25 @@ class SpanHandle:
             return
         with self._ctx._lock:
             after = self._ctx._n_transitions
-        _submit(
-            Span(
-                rollout_id=self._ctx.rollout_id,
-                span_id=self.span_id,
-                parent_span_id=self.parent_span_id,
-                name=self.name,
-                kind=self.kind,
-                start_time=self.start_time,
-                end_time=time.time(),
-                status=self.status,
-                error=self.error,
-                attributes=_builtins(self.attributes),
-                after=after,
-            )
+        event = Span(
+            rollout_id=self._ctx.rollout_id,
+            span_id=self.span_id,
+            parent_span_id=self.parent_span_id,
+            name=self.name,
+            kind=self.kind,
+            start_time=self.start_time,
+            end_time=time.time(),
+            status=self.status,
+            error=self.error,
+            attributes=_builtins(self.attributes),
+            after=after,
         )
+        _submit(event)
+        if self._otel is not None:
+            try:
+                self._otel[2].span_exit(self, event)
+            except Exception as err:  # noqa: BLE001 - tracing must never break the app
+                _otel_failed("span", err)
 
     async def __aenter__(self) -> SpanHandle:
         return self.__enter__()
@@ -632,21 +699,25 @@ def emit_span(
     now = time.time()
     with ctx._lock:
         after = ctx._n_transitions
-    _submit(
-        Span(
-            rollout_id=ctx.rollout_id,
-            span_id=uuid.uuid4().hex[:16],
-            parent_span_id=_current_span.get(),
-            name=name,
-            kind=kind,
-            start_time=now if start_time is None else start_time,
-            end_time=now if end_time is None else end_time,
-            status=status,
-            error=error,
-            attributes=_builtins(dict(attributes or {})),
-            after=after,
-        )
+    event = Span(
+        rollout_id=ctx.rollout_id,
+        span_id=uuid.uuid4().hex[:16],
+        parent_span_id=_current_span.get(),
+        name=name,
+        kind=kind,
+        start_time=now if start_time is None else start_time,
+        end_time=now if end_time is None else end_time,
+        status=status,
+        error=error,
+        attributes=_builtins(dict(attributes or {})),
+        after=after,
     )
+    _submit(event)
+    if _observer is not None:
+        try:
+            _observer.span_emitted(ctx, event)
+        except Exception as exc:  # noqa: BLE001
+            _otel_failed("span", exc)
 
 
 def tool(fn: Callable[P, R] | None = None, /, *, name: str | None = None) -> Any:

@@ -25,7 +25,25 @@ def test_public_objects_live_in_lightning():
 def test_import_is_light():
     code = (
         "import sys, lightning, lightning.testing\n"
-        "heavy = [m for m in ('torch', 'transformers', 'triton', 'numpy') if m in sys.modules]\n"
+        "heavy = ('torch', 'transformers', 'triton', 'numpy', 'opentelemetry')\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in heavy]\n"
         "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rollouts_and_lightning_otel_do_not_import_opentelemetry():
+    # Span export costs nothing until the app itself imports opentelemetry; the OTLP
+    # receiver (lightning.otel) decodes JSON without it.
+    code = (
+        "import sys, lightning, lightning.otel\n"
+        "@lightning.rollout\n"
+        "def f():\n"
+        "    with lightning.span('s'):\n"
+        "        lightning.emit_reward(1.0)\n"
+        "    return 1\n"
+        "f()\n"
+        "loaded = [m for m in sys.modules if m.startswith('opentelemetry')]\n"
+        "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,14 +8,18 @@ Hook point
     ``with_streaming_response``), and so does every framework built on the SDK: LangChain's
     ``ChatOpenAI`` (which calls ``with_raw_response``), the OpenAI Agents SDK (Responses or
     chat completions), AutoGen's ``OpenAIChatCompletionClient``. Patching the class, not
-    an instance, covers clients created before and after :func:`install`. ``request`` is
-    the SDK's generic entry point since 1.0 and sees the request *options* before the HTTP
-    request is built (so token-id fields can be added to the JSON body, once, whatever the
-    retries) and the value returned to the caller. An httpx transport wrapper was the
-    alternative; it is rejected because the SDK accepts user-supplied HTTP clients
-    (httpx or httpx2, any transport) that we would have to rewrap, it cannot tell which
-    endpoint a request is for without re-parsing URLs, and it would have to re-serialise
-    the body to inject fields.
+    an instance, covers clients created before and after :func:`install`. Subclasses that
+    define their own ``request`` are patched too: an instrumentation applied earlier
+    (OpenInference wraps ``OpenAI.request``) would otherwise shadow the base's method; a
+    call seen by two of our wrappers (a subclass delegating to the base) is recorded once,
+    and an instrumentation's wrapper bound to ours after :func:`uninstall` passes through.
+    ``request`` is the SDK's generic entry point since 1.0 and sees the request *options*
+    before the HTTP request is built (so token-id fields can be added to the JSON body,
+    once, whatever the retries) and the value returned to the caller. An httpx transport
+    wrapper was the alternative; it is rejected because the SDK accepts user-supplied HTTP
+    clients (httpx or httpx2, any transport) that we would have to rewrap, it cannot tell
+    which endpoint a request is for without re-parsing URLs, and it would have to
+    re-serialise the body to inject fields.
 
 What is read
     Non-streaming calls return the SDK's pydantic model, which keeps unknown fields
@@ -61,19 +65,30 @@ Contract with the policy server (vLLM field names)
     id count records the ids without log-probs, ``trainable=False`` and
     ``untrainable_reason``; nothing is re-tokenized or guessed.
 
+Outside a rollout
+    Nothing is recorded, unless an OpenTelemetry bridge
+    (:class:`lightning.otel.LightningSpanProcessor`) registered a call-span sink with
+    :func:`set_call_spans`: then each call (token ids requested as above) becomes a GenAI
+    ``chat``/``text_completion`` span with ``lightning.*`` token-id attributes, a child of
+    the span current when the call was made (the instrumentation's own LLM span, if any),
+    which the bridge turns into a transition.
+
 Robustness
-    Outside a rollout the hook costs one context-variable read. Any failure of the
-    capture itself is logged once (``capture.failed``) and the call goes on; exceptions
-    raised by the SDK or the server reach the app unchanged and record nothing.
+    Outside a rollout the hook costs one context-variable read and one global read. Any
+    failure of the capture itself is logged once (``capture.failed``) and the call goes
+    on; exceptions raised by the SDK or the server reach the app unchanged and record
+    nothing.
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import sys
 import threading
 import time
+import types
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -82,12 +97,13 @@ import msgspec
 import structlog
 
 from .. import _rollout
+from .._protocol import Transition, pack_ids, pack_logprobs
 from . import _records
 from ._records import ChatStream, CompletionStream, Record, ResponsesStream
 
 logger = structlog.get_logger()
 
-__all__ = ["install", "installed", "uninstall"]
+__all__ = ["install", "installed", "set_call_spans", "uninstall"]
 
 _MARK = "__lightning_capture__"
 _LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -96,8 +112,22 @@ _JSON = msgspec.json.Decoder()
 _lock = threading.Lock()
 _prefixes: tuple[str, ...] = ()
 _originals: dict[type, Any] = {}
+_wrappers: dict[type, Any] = {}
 _stream_types: tuple[type, ...] = ()
 _logged: set[str] = set()
+_call_spans: Any = None
+_inside: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_capture_inside",
+                                                              default=False)
+
+
+def set_call_spans(sink: Any) -> None:
+    """Record calls made outside rollouts as spans through ``sink`` (None: stop).
+
+    ``sink.context()`` is called when the request starts (returns the OTel context to
+    parent the span on); ``sink.call(parent, transition)`` when it is recorded.
+    """
+    global _call_spans
+    _call_spans = sink
 
 
 def _once(key: str) -> bool:
@@ -157,16 +187,36 @@ def install(token_id_base_urls: Sequence[str] = ()) -> bool:
         _stream_types = tuple(
             t for t in (getattr(openai, "Stream", None), getattr(openai, "AsyncStream", None)) if t
         )
-        for cls, make in ((sync_cls, _sync_request), (async_cls, _async_request)):
-            orig = cls.__dict__["request"]
-            if getattr(orig, _MARK, False):  # patched by an earlier copy of this module
-                orig = getattr(orig, "__wrapped__", orig)
-            _originals[cls] = orig
-            wrapper = make(orig)
-            setattr(wrapper, _MARK, True)
-            cls.request = wrapper
+        for base, make in ((sync_cls, _sync_request), (async_cls, _async_request)):
+            # The base class, and subclasses that define their own ``request``: an
+            # instrumentation applied before us (OpenInference wraps ``OpenAI.request``)
+            # would otherwise shadow the base's method and bypass the capture.
+            for cls in (base, *_subclasses(base)):
+                orig = cls.__dict__.get("request")
+                if orig is None:
+                    continue
+                if _ours(orig):  # patched by an earlier copy of this module
+                    orig = getattr(orig, "__wrapped__", orig)
+                _originals[cls] = orig
+                wrapper = make(orig)
+                setattr(wrapper, _MARK, True)
+                _wrappers[cls] = wrapper
+                cls.request = wrapper
         logger.debug("capture.installed", library="openai", token_id_base_urls=list(_prefixes))
         return True
+
+
+def _ours(fn: Any) -> bool:
+    # type(): a wrapt proxy (an instrumentation wrapping our wrapper) forwards getattr
+    return type(fn) is types.FunctionType and getattr(fn, _MARK, False)
+
+
+def _subclasses(cls: type) -> list[type]:
+    out: list[type] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_subclasses(sub))
+    return out
 
 
 def uninstall() -> None:
@@ -174,9 +224,12 @@ def uninstall() -> None:
     global _prefixes
     with _lock:
         for cls, orig in _originals.items():
-            if getattr(cls.__dict__.get("request"), _MARK, False):
+            # Only where our wrapper is still the class's own: an instrumentation applied
+            # on top keeps its wrapper (ours below it passes calls through from now on).
+            if cls.__dict__.get("request") is _wrappers.get(cls):
                 cls.request = orig
         _originals.clear()
+        _wrappers.clear()
         _prefixes = ()
 
 
@@ -187,32 +240,62 @@ def installed() -> bool:
 # ------------------------------------------------------------------ the hooks
 
 
-def _sync_request(orig: Any) -> Any:
-    @functools.wraps(orig)
+def _as_function(orig: Any) -> Any:
+    """``orig`` callable as ``orig(self, ...)``: a plain function is; another descriptor
+    (an instrumentation's wrapt wrapper) is bound first, so it sees its instance."""
+    if type(orig) is types.FunctionType:  # not isfunction(): wrapt proxies claim to be
+        return orig
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return orig.__get__(self, type(self))(*args, **kwargs)
+
+    return call
+
+
+def _sync_request(wrapped: Any) -> Any:
+    orig = _as_function(wrapped)
+
+    @functools.wraps(wrapped)
     def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
         ctx = _rollout._current.get()
-        if ctx is None:
+        if ctx is None and _call_spans is None:
+            return orig(self, cast_to, options, *args, **kwargs)
+        # a subclass's request delegating to the base's (seen once), or uninstalled while
+        # an instrumentation's wrapper still holds this one
+        if _inside.get() or not _originals:
             return orig(self, cast_to, options, *args, **kwargs)
         call = _begin(self, options, kwargs, ctx, False)
         if call is None:
             return orig(self, cast_to, options, *args, **kwargs)
-        result = orig(self, cast_to, call.options, *args, **kwargs)
+        token = _inside.set(True)
+        try:
+            result = orig(self, cast_to, call.options, *args, **kwargs)
+        finally:
+            _inside.reset(token)
         _observe(call, result)
         return result
 
     return request
 
 
-def _async_request(orig: Any) -> Any:
-    @functools.wraps(orig)
+def _async_request(wrapped: Any) -> Any:
+    orig = _as_function(wrapped)
+
+    @functools.wraps(wrapped)
     async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
         ctx = _rollout._current.get()
-        if ctx is None:
+        if ctx is None and _call_spans is None:
+            return await orig(self, cast_to, options, *args, **kwargs)
+        if _inside.get() or not _originals:
             return await orig(self, cast_to, options, *args, **kwargs)
         call = _begin(self, options, kwargs, ctx, True)
         if call is None:
             return await orig(self, cast_to, options, *args, **kwargs)
-        result = await orig(self, cast_to, call.options, *args, **kwargs)
+        token = _inside.set(True)
+        try:
+            result = await orig(self, cast_to, call.options, *args, **kwargs)
+        finally:
+            _inside.reset(token)
         _observe(call, result)
         return result
 
@@ -241,6 +324,7 @@ class _Call:
         "endpoint",
         "is_async",
         "options",
+        "otel_parent",
         "request",
         "stream",
         "t0",
@@ -257,6 +341,7 @@ class _Call:
         self.is_async = is_async
         self.t0 = time.perf_counter()
         self.ttft: float | None = None
+        self.otel_parent: Any = None
 
 
 def _begin(
@@ -279,7 +364,13 @@ def _begin(
         if _prefixes and _norm(base_url).startswith(_prefixes):
             options = options.model_copy() if hasattr(options, "model_copy") else copy.copy(options)
             options.json_data = _inject(endpoint, body)
-        return _Call(ctx, endpoint, request, base_url, options, stream, is_async)
+        call = _Call(ctx, endpoint, request, base_url, options, stream, is_async)
+        if ctx is None:
+            sink = _call_spans
+            if sink is None:
+                return None
+            call.otel_parent = sink.context()
+        return call
     except Exception as exc:  # noqa: BLE001 - never break the app's call
         _failed("request", exc)
         return None
@@ -376,6 +467,9 @@ def _record(
     if not records:
         return
     ctx = call.ctx
+    if ctx is None:
+        _record_spans(call, records, version, model, usage)
+        return
     if ctx.finished:
         if _once("after_rollout"):
             logger.warning(
@@ -423,6 +517,40 @@ def _record(
             metadata=meta,
             rollout=ctx,
         )
+
+
+def _record_spans(
+    call: _Call, records: list[Record], version: int | None, model: Any, usage: Any
+) -> None:
+    """A call outside any rollout: one span per choice through the bridge's sink."""
+    sink = _call_spans
+    if sink is None:
+        return
+    latency = time.perf_counter() - call.t0
+    model = model if isinstance(model, str) and model else str(call.request.get("model") or "")
+    for rec in records:
+        meta: dict[str, Any] = {"endpoint": call.endpoint, "base_url": call.base_url,
+                                "request": call.request, "text": rec.text}
+        if rec.tool_calls:
+            meta["tool_calls"] = rec.tool_calls
+        if usage is not None:
+            meta["usage"] = usage
+        if not rec.trainable:
+            meta["untrainable_reason"] = rec.reason
+        sink.call(call.otel_parent, Transition(
+            rollout_id="",
+            index=0,
+            prompt_ids=pack_ids(rec.prompt_ids),
+            response_ids=pack_ids(rec.response_ids),
+            logprobs=b"" if rec.logprobs is None else pack_logprobs(rec.logprobs),
+            policy_version=-1 if version is None else version,
+            model=model,
+            finish_reason=rec.finish_reason,
+            trainable=rec.trainable,
+            latency_s=latency,
+            created_at=time.time(),
+            metadata=msgspec.to_builtins(meta, enc_hook=repr, str_keys=True),
+        ))
 
 
 def _warn_no_token_ids(call: _Call) -> None:

@@ -12,6 +12,8 @@ Endpoints::
     POST /v1/rollouts/{id}/rewards    reward it
     POST /v1/rollouts/{id}/end        finish it
     /rollouts/{id}/v1/...             the OpenAI endpoints, captured into rollout {id}
+    POST /v1/traces                   OTLP/HTTP traces (protobuf or JSON) -> rollouts
+                                      (lightning.otel.TraceReceiver)
 
 Every completion carries the token ids the engine sampled and the policy version that
 sampled them, with vLLM's field names: ``prompt_token_ids`` at the top level,
@@ -52,6 +54,7 @@ from ..engine.base import (
     InvalidRequestError,
     SamplingParams,
 )
+from ..otel._receiver import TraceReceiver
 from ._chat import (
     RequestError,
     ToolCallStreamFilter,
@@ -123,6 +126,8 @@ class PolicyServer:
         accept_any_model: bool = False,
         capture: CaptureSink | None = None,
         max_top_logprobs: int = 20,
+        traces: TraceReceiver | None = None,
+        otlp: bool = True,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -134,6 +139,12 @@ class PolicyServer:
         self.accept_any_model = accept_any_model
         self.capture = capture
         self.max_top_logprobs = max_top_logprobs
+        if traces is None and otlp:
+            # The daemon's LocalCapture stores into the daemon: so do OTLP traces.
+            daemon = getattr(capture, "daemon", None)
+            if daemon is not None and hasattr(daemon, "ingest_local"):
+                traces = TraceReceiver(daemon)
+        self.traces = traces if otlp else None
         self.ready = False
         self._token_text: dict[int, str] = {}
         self.app = self._build_app()
@@ -158,6 +169,8 @@ class PolicyServer:
         for path, fn, methods in api:
             routes.append(Route("/v1" + path, fn, methods=methods))
             routes.append(Route("/rollouts/{rollout_id}/v1" + path, fn, methods=methods))
+        if self.traces is not None:
+            routes.append(Route("/v1/traces", self._traces, methods=["POST"]))
         return Starlette(routes=routes, exception_handlers={404: self._not_found,
                                                            405: self._not_allowed})
 
@@ -195,6 +208,8 @@ class PolicyServer:
             sock = server.servers[0].sockets[0]
             self.port = sock.getsockname()[1]
             self.base_url = f"http://{self.host}:{self.port}/v1"
+            if self.traces is not None:
+                await tg.start(self.traces.run)
             self.ready = True
             logger.info("server.listening", base_url=self.base_url, model=self.model_name)
             task_status.started(self.base_url)
@@ -342,6 +357,12 @@ class PolicyServer:
                 )
 
     # ------------------------------------------------------------------ routes
+
+    async def _traces(self, request: Request) -> Response:
+        denied = self._check_auth(request)
+        if denied is not None:
+            return denied
+        return await self.traces.handle(request)  # type: ignore[union-attr]
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
