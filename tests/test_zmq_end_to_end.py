@@ -121,7 +121,9 @@ def test_event_loop_never_blocked_while_daemon_down(daemon_process, tmp_path, mo
         rt = lightning.init(**kw)
         d, n = anyio.run(app, rt)
         lightning.shutdown()
-    assert max_gap < 0.050, f"event loop blocked for {max_gap * 1000:.1f} ms"
+    # A blocking call would stall the loop for a reconnect or peer timeout (>= 500 ms here);
+    # 250 ms leaves room for the OS scheduler on a loaded 2-core CI box.
+    assert max_gap < 0.250, f"event loop blocked for {max_gap * 1000:.1f} ms"
     d.stop()
     state, trajs, _ = recover(tmp_path / "data")
     assert len(trajs) == n and all(len(t.transitions) == 300 for t in trajs)
