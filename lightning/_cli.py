@@ -68,7 +68,39 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default $LIGHTNING_API_KEY); "
                    "mandatory for a non-loopback --http-host")
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-otlp", action="store_true",
+                   help="do not accept OTLP/HTTP traces at POST /v1/traces")
+    g.add_argument("--otlp-port", type=int, default=None,
+                   help="with --model none: serve POST /v1/traces alone on this port")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    t = p.add_argument_group("training (see lightning.training.batcher for the semantics)")
+    t.add_argument("--backend-config", default=None, metavar="TOML",
+                   help="backend settings file (torch: TorchBackendConfig fields, e.g. lr)")
+    t.add_argument("--group-size", type=int, default=8,
+                   help="finished rollouts that complete a group (default 8)")
+    t.add_argument("--group-timeout-s", type=float, default=300.0,
+                   help="use a group with what it has after this long (default 300)")
+    t.add_argument("--batch-size", type=int, default=32,
+                   help="trajectories per optimizer step (default 32)")
+    t.add_argument("--max-batch-tokens", type=int, default=None)
+    t.add_argument("--estimator", default="grpo",
+                   choices=("grpo", "grpo_no_std", "rloo", "reinforce_pp"))
+    t.add_argument("--credit", default="returns_to_go",
+                   choices=("final", "discounted", "returns_to_go"))
+    t.add_argument("--gamma", type=float, default=1.0)
+    t.add_argument("--on-failure", default="drop", choices=("drop", "zero"),
+                   help="failed rollouts: drop them or train on them with reward 0")
+    t.add_argument("--max-staleness", type=int, default=2,
+                   help="policy versions a sample may lag before --stale-policy applies")
+    t.add_argument("--stale-policy", default="drop", choices=("drop", "is"),
+                   help="stale samples: drop, or truncated importance weights")
+    t.add_argument("--air", action="store_true",
+                   help="Automatic Intermediate Rewarding with the built-in rules")
+    t.add_argument("--max-steps", type=int, default=None, help="stop training after N steps")
+    t.add_argument("--save-every", type=int, default=10,
+                   help="checkpoint every N steps into DATA_DIR/checkpoints (0: never)")
+    t.add_argument("--no-resume", action="store_true",
+                   help="ignore existing checkpoints in DATA_DIR/checkpoints")
     return p
 
 
@@ -91,7 +123,11 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["keygen"]:
         return _keygen(argv[1:])
+    # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says it too
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     args = _serve_parser().parse_args(argv)
+    if _is_worker_rank():
+        return _worker_main(args)
     try:
         config = DaemonConfig(
             bind=args.bind,
@@ -137,6 +173,64 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _is_worker_rank() -> bool:
+    """A non-zero rank of a multi-process launch (torchrun / deepspeed): it only trains."""
+    try:
+        return int(os.environ.get("RANK", "0")) != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _model_path(args: argparse.Namespace):
+    from pathlib import Path
+
+    if args.model == "default":
+        from .models import default_model_path
+
+        return default_model_path()
+    path = Path(args.model)
+    if not (path / "config.json").exists():
+        raise ConfigError(
+            f"--model {args.model!r} is not a Hugging Face checkpoint directory (no "
+            "config.json); pass a local directory ('default' serves SmolLM2-135M-Instruct)"
+        )
+    return path
+
+
+def _worker_main(args: argparse.Namespace) -> int:
+    """Ranks other than 0: set the backend up, then follow rank 0 until it closes.
+
+    Rank 0 runs the daemon (the one ingest point and the one HTTP endpoint); the backend
+    carries the commands (see ``lightning_backends._deepspeed``).
+    """
+    from ._config import load_toml_dict
+    from ._logging import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        if args.model == "none" or args.ingest_only:
+            raise ConfigError("worker ranks need a --model to train (and no --ingest-only)")
+        from lightning_backends import get_backend
+
+        try:
+            cls = get_backend(args.backend)
+        except LookupError as exc:
+            raise ConfigError(str(exc)) from exc
+        backend = cls()
+        if not hasattr(backend, "serve_worker"):
+            raise ConfigError(
+                f"backend {args.backend!r} runs in one process: launch lightning-daemon once "
+                "(RANK/WORLD_SIZE say this is a multi-process launch)"
+            )
+        config = load_toml_dict(args.backend_config) if args.backend_config else None
+        backend.setup(str(_model_path(args)), config)
+    except (ConfigError, ValueError, TypeError) as exc:
+        print(f"lightning-daemon: error: {exc}", file=sys.stderr)
+        return 2
+    backend.serve_worker()
+    return 0
+
+
 def _is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -148,22 +242,11 @@ def _is_loopback_host(host: str) -> bool:
 
 def _load_policy(args: argparse.Namespace):
     """Load the checkpoint and tokenizer (blocking: runs in a worker thread)."""
-    from pathlib import Path
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if args.model == "default":
-        from .models import default_model_path
-
-        path = default_model_path()
-    else:
-        path = Path(args.model)
-        if not (path / "config.json").exists():
-            raise ConfigError(
-                f"--model {args.model!r} is not a Hugging Face checkpoint directory (no "
-                "config.json); pass a local directory ('default' serves SmolLM2-135M-Instruct)"
-            )
+    path = _model_path(args)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,10 +256,53 @@ def _load_policy(args: argparse.Namespace):
     return path, model.to(device).eval(), tok
 
 
-async def _serve_policy(tg, daemon, args: argparse.Namespace) -> str:
+async def _start_training(tg, daemon, engine, model_path, config: DaemonConfig,
+                          args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ._config import load_toml_dict
+    from .training.batcher import BatcherConfig
+    from .training.service import load_backend, start_trainer
+    from .training.trainer import TrainerConfig
+
+    try:
+        batcher_config = BatcherConfig(
+            group_size=args.group_size, group_timeout_s=args.group_timeout_s,
+            batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+            estimator=args.estimator, credit=args.credit, gamma=args.gamma,
+            on_failure=args.on_failure, max_staleness=args.max_staleness,
+            stale_policy=args.stale_policy,
+        )
+        trainer_config = TrainerConfig(max_steps=args.max_steps, save_every=args.save_every)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    backend_config = load_toml_dict(args.backend_config) if args.backend_config else None
+    backend = await load_backend(config.backend, model_path, backend_config)
+    if hasattr(backend, "close"):  # multi-process backends release their workers
+        tg.start_soon(_close_on_exit, backend)
+    await start_trainer(
+        tg, daemon, backend, engine,
+        batcher_config=batcher_config, trainer_config=trainer_config, air=args.air,
+        checkpoint_dir=Path(config.data_dir) / "checkpoints", resume=not args.no_resume,
+    )
+
+
+async def _close_on_exit(backend) -> None:
+    import anyio
+
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(backend.close)
+
+
+async def _serve_policy(tg, daemon, args: argparse.Namespace):
+    """Load the model, start the engine and the HTTP server: ``(base_url, engine, path)``."""
     import anyio
 
     from .engine.torch_engine import TorchEngine
+    from .otel import TraceReceiver
     from .serving import PolicyServer
 
     path, model, tok = await anyio.to_thread.run_sync(_load_policy, args)
@@ -191,8 +317,10 @@ async def _serve_policy(tg, daemon, args: argparse.Namespace) -> str:
         aliases=tuple(args.model_alias),
         accept_any_model=args.accept_any_model,
         capture=daemon.capture,
+        traces=None if args.no_otlp else TraceReceiver(daemon, api_key=args.api_key),
+        otlp=not args.no_otlp,
     )
-    return await tg.start(server.serve)
+    return await tg.start(server.serve), engine, path
 
 
 async def _run(config: DaemonConfig, args: argparse.Namespace) -> None:
@@ -208,18 +336,30 @@ async def _run(config: DaemonConfig, args: argparse.Namespace) -> None:
         if args.print_address:
             print(address, flush=True)
         if args.model != "none":
-            base_url = await _serve_policy(tg, daemon, args)
+            base_url, engine, model_path = await _serve_policy(tg, daemon, args)
             if args.print_address:
                 print(base_url, flush=True)
+        elif args.otlp_port is not None and not args.no_otlp:
+            import functools
+
+            from .otel import TraceReceiver
+
+            receiver = TraceReceiver(daemon, api_key=args.api_key)
+            url = await tg.start(functools.partial(
+                receiver.serve, host=args.http_host, port=args.otlp_port))
+            if args.print_address:
+                print(url, flush=True)
         if args.ingest_only:
             tg.start_soon(_drain, daemon)
-        else:
+        elif args.model == "none":
             logger.warning(
                 "daemon.training_unavailable",
                 backend=config.backend,
-                reason="training backends are not part of this release yet: trajectories "
-                "are stored and kept buffered; run with --ingest-only to mark them used",
+                reason="--model none: there is no policy to train; trajectories are stored "
+                "and kept buffered (run with --ingest-only to mark them used)",
             )
+        else:
+            await _start_training(tg, daemon, engine, model_path, config, args)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logger.info("daemon.signal", signal=signal.Signals(signum).name)

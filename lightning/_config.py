@@ -157,3 +157,18 @@ def load_toml(path: str | os.PathLike, cls: type) -> Any:
         raise ConfigError(f"invalid config file {str(path)!r}: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+
+
+def load_toml_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file as a plain dict (for backend settings the backend validates itself)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+    try:
+        out = msgspec.toml.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    if not isinstance(out, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table of settings")
+    return out

@@ -413,6 +413,11 @@ class LocalCapture:
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
 
+    @property
+    def daemon(self) -> Daemon:
+        """The daemon this capture stores into (OTLP ingest stores there too)."""
+        return self._daemon
+
     def is_open(self, rollout_id: str) -> bool:
         return rollout_id in self._daemon.state.open
 

@@ -41,6 +41,9 @@ class TokenSequence(msgspec.Struct, kw_only=True):
     """Indices (within the trajectory) of the transitions merged into this sequence."""
     prompt_len: int
     """Length of the first prompt: the first action token is at or after it."""
+    response_spans: list[tuple[int, int]] = []
+    """``(start, end)`` token offsets of each merged transition's response, in the order of
+    :attr:`transitions` (per-transition advantages are spread over these)."""
 
 
 def _split_reason(prompt: bytes, context: bytes) -> str:
@@ -91,7 +94,9 @@ def merge_transitions(
         cur.action_mask.extend(bytes(n_glue))
         cur.logprobs.extend(array("f", bytes(4 * n_glue)))
         cur.policy_versions.extend(array("i", [-1]) * n_glue)
+        start = len(cur.token_ids)
         cur.token_ids.extend(unpack_ids(response))
+        cur.response_spans.append((start, start + n_resp))
         cur.action_mask.extend(b"\x01" * n_resp)
         cur.logprobs.extend(lps)
         cur.policy_versions.extend(array("i", [t.policy_version]) * n_resp)

@@ -1,0 +1,1 @@
+"""Embedded tasks for ``lightning train`` (each module: ``dataset()`` and an ``agent``)."""
