@@ -47,9 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default",
                    help="Hugging Face checkpoint directory ('default': SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="lightning-train", help="output directory")
-    p.add_argument("--steps", type=int, default=14, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per task and step")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=int, default=16,
                    help="trajectories per optimizer step (whole groups)")
     p.add_argument("--concurrency", type=int, default=32, help="rollouts in flight")
     p.add_argument("--estimator", default="grpo",
@@ -62,12 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--air", action="store_true", help="add AIR step rewards (tool errors...)")
     p.add_argument("--eval-tasks", type=int, default=100,
                    help="held-out tasks to evaluate before and after (0 skips evaluation)")
-    p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out task")
+    p.add_argument("--eval-samples", type=int, default=1, help="samples per held-out task")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out")
+    p.add_argument("--backend", default="torch", choices=("torch", "deepspeed", "verl"),
+                   help="training backend (one process; default torch)")
     p.add_argument("--backend-config", default=None, metavar="TOML",
-                   help="torch backend settings (TorchBackendConfig fields); --lr wins")
+                   help="backend settings (e.g. TorchBackendConfig fields); --lr wins")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,7 +260,7 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
             await tg.start(engine.serve)
             server = PolicyServer(engine, model_name=path.name, port=0, capture=daemon.capture)
             base_url = await tg.start(server.serve)
-            backend = await load_backend("torch", path, backend_config)
+            backend = await load_backend(args.backend, path, backend_config)
             batcher_config = BatcherConfig(
                 group_size=args.group_size,
                 batch_size=args.batch_size,
@@ -308,6 +310,8 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
                            "accuracy": after.mean, "stderr": after.stderr,
                            "samples": after.samples})
             tg.cancel_scope.cancel()
+        if hasattr(backend, "close"):  # multi-process backends release their workers
+            backend.close()
     finally:
         metrics_file.close()
         progress.close()

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from lightning.models import tiny_model_path
-from lightning_test_helpers import ROOT, DaemonProcess, free_tcp_address, wait_until
+from lightning_test_helpers import ROOT, wait_until
 
 HERE = Path(__file__).parent
 
@@ -96,7 +96,7 @@ async def _run_client(address: str, base_url: str, version: int) -> None:
 
 
 @pytest.mark.slow
-def test_daemon_trains_checkpoints_and_resumes_after_kill(tmp_path, monkeypatch):
+def test_daemon_trains_checkpoints_and_resumes_after_kill(tmp_path, monkeypatch, daemon_process):
     monkeypatch.syspath_prepend(str(HERE))
     data = tmp_path / "data"
     args = ("--model", str(tiny_model_path()), "--http-port", "0", "--group-size", "2",
@@ -104,7 +104,7 @@ def test_daemon_trains_checkpoints_and_resumes_after_kill(tmp_path, monkeypatch)
     cfg = tmp_path / "backend.toml"
     cfg.write_text("lr = 0.01\nmicro_batch_tokens = 512\n")
     args = (*args[:-1], str(cfg))
-    d = DaemonProcess(data, free_tcp_address(), *args).start()
+    d = daemon_process(*args, data_dir=data).start()
     base_url = d.proc.stdout.readline().decode().strip()
     assert _models(base_url)["policy_version"] == 0
     anyio.run(_run_client, d.address, base_url, 2)
@@ -114,7 +114,7 @@ def test_daemon_trains_checkpoints_and_resumes_after_kill(tmp_path, monkeypatch)
     assert wait_until(lambda: _models(base_url)["policy_version"] == 2, timeout=30)
     d.kill()
 
-    d2 = DaemonProcess(data, free_tcp_address(), *args).start()
+    d2 = daemon_process(*args, data_dir=data).start()
     base_url = d2.proc.stdout.readline().decode().strip()
     assert wait_until(lambda: _models(base_url)["policy_version"] == 2, timeout=60)
     log = d2.log.read_text()
