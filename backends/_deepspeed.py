@@ -80,7 +80,14 @@ import torch.distributed as dist
 from lightning._errors import BackendError, ConfigError
 from lightning.training.batch import TrainBatch, split_by_token_budget
 
-from ._common import StepSums, action_logprobs, agg_units, micro_batch_loss, step_metrics
+from ._common import (
+    StepSums,
+    TrainSettings,
+    action_logprobs,
+    agg_units,
+    micro_batch_loss,
+    step_metrics,
+)
 
 try:
     import deepspeed
@@ -107,7 +114,7 @@ _CMD_KEY = "lightning/deepspeed/cmd/"
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-class DeepSpeedBackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DeepSpeedBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of :class:`DeepSpeedBackend` (load with ``msgspec.toml.decode(data, type=...)``).
 
     The loss fields mean the same as in ``TorchBackendConfig``.
@@ -121,44 +128,11 @@ class DeepSpeedBackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_u
     """A DeepSpeed JSON config: a file path or the dict itself. It wins where it sets a key
     (``zero_optimization``, ``bf16``, ``optimizer``, ``scheduler``, ``gradient_clipping``,
     offload...); batch-size keys must be absent or ``"auto"``."""
-    lr: float = 1e-6
-    """AdamW learning rate (when ``deepspeed_config`` has no ``optimizer``)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW ``(beta1, beta2)``."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this (DeepSpeed ``gradient_clipping``); ``None``
-    only measures it."""
-    micro_batch_tokens: int = 8192
-    """Token budget of one forward/backward on one rank (whole sequences)."""
-    loss: Literal["ppo", "cispo"] = "ppo"
-    """Policy loss: ``ppo`` (PPO-clip with dual clip) or ``cispo`` (clipped IS weight)."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    """How per-token losses reduce to a scalar (see :mod:`lightning.algorithms.aggregate`)."""
-    clip_ratio_low: float | None = None
-    """Lower clip ``eps``; ``None`` = the loss's default (PPO 0.2, CISPO 1.0)."""
-    clip_ratio_high: float = 0.2
-    """Upper clip ``eps``."""
-    clip_ratio_c: float | None = 3.0
-    """PPO dual-clip bound for negative advantages (> 1); ``None`` disables it."""
-    kl_coef: float = 0.0
-    """Weight of the KL penalty to ``batch.ref_logprobs`` (ignored when the batch has none)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """KL estimator (see :mod:`lightning.algorithms.kl`)."""
-    temperature: float = 1.0
-    """Sampling temperature the log-probs are computed at (must match the sampler's)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
     dtype: Literal["float32", "bfloat16"] | None = None
     """Training precision; ``None`` = bfloat16 on a GPU that supports it, else float32.
     bfloat16 keeps fp32 master weights in DeepSpeed's optimizer."""
     logprob_impl: str | None = None
     """Log-prob kernel (``reference``, ``cpp``, ``triton``); ``None`` = fastest available."""
-    seed: int | None = None
-    """Seed torch's RNG at setup; ``None`` leaves it alone."""
     export_group_elements: int = 50_000_000
     """ZeRO-3 weight export gathers at most about this many parameter elements at once."""
     export_device: Literal["train", "cpu"] = "train"
@@ -171,16 +145,7 @@ class DeepSpeedBackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_u
     """Timeout of one collective operation (process-group timeout)."""
 
     def __post_init__(self) -> None:
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not self.lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {self.lr}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(
-                f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm}"
-            )
+        super().__post_init__()
         if self.export_group_elements < 1:
             raise ValueError(
                 f"export_group_elements must be >= 1, got {self.export_group_elements}"

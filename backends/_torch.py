@@ -42,7 +42,14 @@ import torch
 from lightning._errors import BackendError
 from lightning.training.batch import TrainBatch, split_by_token_budget
 
-from ._common import StepSums, action_logprobs, agg_units, micro_batch_loss, step_metrics
+from ._common import (
+    StepSums,
+    TrainSettings,
+    action_logprobs,
+    agg_units,
+    micro_batch_loss,
+    step_metrics,
+)
 
 __all__ = ["TorchBackend", "TorchBackendConfig", "backend_class", "map_torch_exceptions"]
 
@@ -52,40 +59,9 @@ _MODEL_DIR = "model"
 _FORMAT = 1
 
 
-class TorchBackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class TorchBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of :class:`TorchBackend` (load with ``msgspec.toml.decode(data, type=...)``)."""
 
-    lr: float = 1e-6
-    """AdamW learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW ``(beta1, beta2)``."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay, applied to every trainable parameter."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this; ``None`` only measures it."""
-    micro_batch_tokens: int = 8192
-    """Token budget of one forward/backward (whole sequences; a longer sequence runs alone).
-    Lower it to save memory: the update is the same, only slower."""
-    loss: Literal["ppo", "cispo"] = "ppo"
-    """Policy loss: ``ppo`` (PPO-clip with dual clip) or ``cispo`` (clipped IS weight)."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    """How per-token losses reduce to a scalar (see :mod:`lightning.algorithms.aggregate`)."""
-    clip_ratio_low: float | None = None
-    """Lower clip ``eps``; ``None`` = the loss's default (PPO 0.2, CISPO 1.0: no lower clip)."""
-    clip_ratio_high: float = 0.2
-    """Upper clip ``eps`` (ratio clipped at ``1 + clip_ratio_high``)."""
-    clip_ratio_c: float | None = 3.0
-    """PPO dual-clip bound for negative advantages (> 1); ``None`` disables it."""
-    kl_coef: float = 0.0
-    """Weight of the KL penalty to ``batch.ref_logprobs`` (ignored when the batch has none)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """KL estimator (see :mod:`lightning.algorithms.kl`)."""
-    temperature: float = 1.0
-    """Sampling temperature the log-probs are computed at (must match the sampler's)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
     lora_rank: int = 0
     """LoRA rank; 0 trains all weights. LoRA needs ``pip install peft``."""
     lora_alpha: float = 16.0
@@ -101,16 +77,9 @@ class TorchBackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     on CPU."""
     logprob_impl: str | None = None
     """Log-prob kernel (``reference``, ``cpp``, ``triton``); ``None`` = fastest available."""
-    seed: int | None = None
-    """Seed torch's RNG at setup (LoRA init, dropout); ``None`` leaves it alone."""
 
     def __post_init__(self) -> None:
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not self.lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {self.lr}")
+        super().__post_init__()
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
 

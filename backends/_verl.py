@@ -65,6 +65,8 @@ from lightning.algorithms.kl import kl_penalty_loss
 from lightning.algorithms.ppo import ppo_clip_loss
 from lightning.training.batch import TrainBatch
 
+from ._common import TrainSettings
+
 if importlib.util.find_spec("verl") is None:  # get_backend turns this into "pip install [verl]"
     raise ModuleNotFoundError("No module named 'verl'", name="verl")
 
@@ -88,43 +90,12 @@ _VERL_DIR = "verl"
 _FORMAT = 1
 
 
-class VerlBackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class VerlBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of :class:`VerlBackend` (load with ``msgspec.toml.decode(data, type=...)``)."""
 
-    lr: float = 1e-6
-    """AdamW learning rate (constant schedule)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW ``(beta1, beta2)``."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this; ``None`` only measures it."""
-    micro_batch_tokens: int = 8192
-    """Token budget of one forward/backward per rank (verl's ``max_token_len_per_gpu`` with
-    dynamic batching). Lower it to save memory: the update is the same, only slower."""
-    loss: Literal["ppo", "cispo"] = "ppo"
-    """Our policy loss (:mod:`lightning.algorithms`), used unless ``verl_policy_loss`` is set."""
     verl_policy_loss: str | None = None
     """Use verl's ``ppo_loss`` with this registered policy loss instead (``vanilla``,
     ``gspo``, ``cispo``, ``clip_cov``, ...). Clip ratios, ``loss_agg``, ``kl_*`` carry over."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    """How per-token losses reduce to a scalar (see :mod:`lightning.algorithms.aggregate`)."""
-    clip_ratio_low: float | None = None
-    """Lower clip ``eps``; ``None`` = the loss's default (PPO 0.2, CISPO 1.0: no lower clip)."""
-    clip_ratio_high: float = 0.2
-    """Upper clip ``eps``."""
-    clip_ratio_c: float | None = 3.0
-    """PPO dual-clip bound for negative advantages (> 1); ``None`` disables it."""
-    kl_coef: float = 0.0
-    """Weight of the KL penalty to ``batch.ref_logprobs`` (ignored when the batch has none)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """KL estimator (see :mod:`lightning.algorithms.kl`)."""
-    temperature: float = 1.0
-    """Sampling temperature the log-probs are computed at (must match the sampler's)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
     device: Literal["cpu", "cuda"] | None = None
     """``cpu`` (through the platform shim) or ``cuda``; ``None`` = CUDA when available."""
     dtype: Literal["float32", "bfloat16"] | None = None
@@ -151,16 +122,9 @@ class VerlBackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     """Ulysses sequence-parallel size (needs ``use_remove_padding``)."""
     ray_address: str | None = None
     """Ray cluster to join (``ray.init(address=...)``); ``None`` = start or reuse a local one."""
-    seed: int | None = None
-    """verl engine seed (also its data-loader seed); ``None`` = 0."""
 
     def __post_init__(self) -> None:
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not self.lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {self.lr}")
+        super().__post_init__()
         if self.nnodes < 1 or self.gpus_per_node < 1:
             raise ValueError("nnodes and gpus_per_node must be >= 1")
         if self.device == "cpu" and self.dtype not in (None, "float32"):
