@@ -206,7 +206,6 @@ def _worker_main(args: argparse.Namespace) -> int:
     from ._config import load_toml_dict
     from ._logging import configure_logging
 
-    configure_logging(args.log_level)
     try:
         if args.model == "none" or args.ingest_only:
             raise ConfigError("worker ranks need a --model to train (and no --ingest-only)")
@@ -223,7 +222,11 @@ def _worker_main(args: argparse.Namespace) -> int:
                 "(RANK/WORLD_SIZE say this is a multi-process launch)"
             )
         config = load_toml_dict(args.backend_config) if args.backend_config else None
-        backend.setup(str(_model_path(args)), config)
+        model_path = _model_path(args)
+        configure_logging(args.log_level)
+        # a launcher signals every rank at once: leave quietly (rank 0 ends the run)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        backend.setup(str(model_path), config)
     except (ConfigError, ValueError, TypeError) as exc:
         print(f"lightning-daemon: error: {exc}", file=sys.stderr)
         return 2
@@ -290,11 +293,20 @@ async def _start_training(tg, daemon, engine, model_path, config: DaemonConfig,
 async def _close_on_exit(backend) -> None:
     import anyio
 
+    import structlog
+
     try:
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(backend.close)
+            try:
+                await anyio.to_thread.run_sync(backend.close)
+            except Exception as exc:  # noqa: BLE001 - shutting down: say it, do not mask
+                # torchrun/deepspeed signal every rank at once: the workers may be gone
+                structlog.get_logger().warning(
+                    "backend.close_failed", error=f"{type(exc).__name__}: {exc}",
+                    hint="worker ranks exited first (a launcher signalled them too)",
+                )
 
 
 async def _serve_policy(tg, daemon, args: argparse.Namespace):

@@ -417,6 +417,7 @@ def rollout(
                 spec.end(ctx, token, None, result)
                 return result
 
+            async_wrapper.__lightning_rollout__ = spec.name  # type: ignore[attr-defined]
             return async_wrapper
 
         @functools.wraps(func)
@@ -432,6 +433,7 @@ def rollout(
             spec.end(ctx, token, None, result)
             return result
 
+        wrapper.__lightning_rollout__ = spec.name  # type: ignore[attr-defined]
         return wrapper
 
     if fn is not None:

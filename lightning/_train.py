@@ -85,9 +85,15 @@ def _load_agent(spec: str) -> tuple[Any, Any]:
     except ImportError as exc:
         raise ConfigError(f"--agent {spec!r}: cannot import {mod_name!r}: {exc}") from exc
     try:
-        return module, getattr(module, attr)
+        agent = getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"--agent {spec!r}: {mod_name!r} has no attribute {attr!r}") from None
+    if not hasattr(agent, "__lightning_rollout__"):
+        raise ConfigError(
+            f"--agent {spec!r} is not a rollout: decorate it with @lightning.rollout so its "
+            "LLM calls and reward reach the trainer"
+        )
+    return module, agent
 
 
 def _read_jsonl(path: str) -> list[Any]:
@@ -175,14 +181,14 @@ class _Progress:
         self.enabled = enabled
         self.t0 = time.perf_counter()
         self.bar: Any = None
+        self._tqdm: Any = None
         if enabled:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr,
-                                dynamic_ncols=True)
+                self._tqdm = tqdm
             except ImportError:
-                self.bar = None
+                pass
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -194,6 +200,10 @@ class _Progress:
         fields = {"reward": f"{m.get('rollouts/reward_mean', 0.0):.3f}",
                   "loss": f"{m.get('loss/total', 0.0):+.4f}",
                   "gap": f"{m.get('actor/logprob_gap', 0.0):.4f}"}
+        if self.bar is None and self._tqdm is not None:  # created at the first step, so
+            # the notes printed before it (loading, evaluating) do not interleave with it
+            self.bar = self._tqdm(total=self.total, desc="train", unit="step",
+                                  file=sys.stderr, dynamic_ncols=True)
         if self.bar is not None:
             self.bar.set_postfix(fields, refresh=False)
             self.bar.update(1)
@@ -204,6 +214,8 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        self._tqdm = None
 
 
 async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
@@ -221,6 +233,9 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
     from .training.service import load_backend, start_trainer
     from .training.trainer import TrainerConfig, finite_metrics
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # ours is the one progress bar
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -56,14 +56,19 @@ def test_lightning_train_raises_the_reward(tmp_path):
     assert (out / "checkpoints" / "step-000010" / "trainer.json").exists()
 
 
-def test_lightning_train_reports_bad_arguments(tmp_path):
+@pytest.mark.parametrize("agent, message", [
+    ("nope_module:agent", "cannot import 'nope_module'"),
+    ("toy_agent:nope", "'toy_agent' has no attribute 'nope'"),
+    ("json:dumps", "is not a rollout: decorate it with @lightning.rollout"),
+])
+def test_lightning_train_reports_bad_arguments(tmp_path, agent, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning._train", "train", "--agent", "nope_module:agent",
+        [sys.executable, "-m", "lightning", "train", "--agent", agent,
          "--out", str(tmp_path / "x")],
         capture_output=True, text=True, env=env(), timeout=60,
     )
     assert proc.returncode == 2
-    assert "cannot import 'nope_module'" in proc.stderr
+    assert message in proc.stderr
 
 
 def _models(base_url: str) -> dict:
