@@ -39,6 +39,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", choices=("never", "always"), default=d.fsync,
                    help="'always' fsyncs before each ack (survives power loss, slower)")
     p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s)
+    p.add_argument("--wal-compact-bytes", type=int, default=d.wal_compact_bytes,
+                   help="compact the write-ahead log when it grew this much since the last "
+                   "compaction (checked at each commit; 0: never)")
     p.add_argument("--curve-secret-key", default="", metavar="FILE",
                    help="the daemon's NAME.key_secret (from `lightning-daemon keygen`)")
     p.add_argument("--curve-authorized-keys", default="", metavar="DIR",
@@ -137,6 +140,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
             buffer_size=args.buffer_size,
             fsync=args.fsync,
             heartbeat_s=args.heartbeat_s,
+            wal_compact_bytes=args.wal_compact_bytes,
             curve_secret_key_file=args.curve_secret_key,
             curve_authorized_keys=args.curve_authorized_keys,
             log_level=args.log_level,

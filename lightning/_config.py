@@ -115,12 +115,17 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     stats_interval_s: float = 30.0
     """Interval of the ``daemon.stats`` log line (0 disables it)."""
+    wal_compact_bytes: int = 256 << 20
+    """When the consumer commits and the write-ahead log has grown by this much since the
+    last compaction, snapshot the ingest state and delete the log before it (0: never)."""
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 1024:
             raise ConfigError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
         if self.buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {self.buffer_size}")
+        if self.wal_compact_bytes < 0:
+            raise ConfigError(f"wal_compact_bytes must be >= 0, got {self.wal_compact_bytes}")
 
 
 def from_env(cls: type, overrides: dict[str, Any], prefix: str = "LIGHTNING_") -> Any:

@@ -33,7 +33,7 @@ from anyio.abc import TaskStatus
 
 from ._config import DaemonConfig
 from ._errors import ProtocolError
-from ._ingest import GapError, IngestState, Trajectory
+from ._ingest import GapError, IngestState, Snapshot, Trajectory
 from ._log import AppendLog
 from ._protocol import (
     PROTOCOL_VERSION,
@@ -124,21 +124,46 @@ def recover(
     Returns ``(state, trajectories not yet committed, committed_through)``. Used at
     start-up and by tools and tests that inspect what a daemon stored.
     """
-    state = IngestState(max_finished_remembered=max_finished_remembered)
     wal_dir = Path(data_dir) / "wal"
     committed = _read_cursor(Path(data_dir))
-    pending: list[Trajectory] = []
+    snap = _read_snapshot(Path(data_dir))
+    if snap is None:
+        state = IngestState(max_finished_remembered=max_finished_remembered)
+        pending: list[Trajectory] = []
+        wal_from = ""
+    else:
+        state = IngestState.from_snapshot(snap, max_finished_remembered=max_finished_remembered)
+        pending = [t for t in snap.pending if t.index > committed]
+        wal_from = snap.wal_from
     if not wal_dir.exists():
         return state, pending, committed
     decoder = msgspec.msgpack.Decoder(Batch)
     log = AppendLog(wal_dir)
     try:
-        for frame in log:
+        for frame in log.iter_from(wal_from):
             result = state.apply(decoder.decode(frame))
             pending.extend(t for t in result.completed if t.index > committed)
     finally:
         log.close()
     return state, pending, committed
+
+
+_SNAPSHOT = "snapshot.msgpack"
+_snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
+
+
+def _read_snapshot(data_dir: Path) -> Snapshot | None:
+    try:
+        data = (data_dir / _SNAPSHOT).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return _snapshot_decoder.decode(data)
+    except msgspec.DecodeError as exc:  # written by rename: only a foreign edit breaks it
+        raise RuntimeError(
+            f"{data_dir / _SNAPSHOT} is corrupt ({exc}): the write-ahead log before it is "
+            "gone, so the daemon cannot recover; restore the file or start a new data dir"
+        ) from exc
 
 
 def _read_cursor(data_dir: Path) -> int:
@@ -167,6 +192,10 @@ class Daemon:
         self._local_seq = 0
         self.capture = LocalCapture(self)
         self.address = ""
+        # completed trajectories after the commit point, in completion order: a compaction
+        # keeps them (the consumer may hold them without having used them yet)
+        self._uncommitted: dict[int, Trajectory] = {}
+        self._wal_compacted_at = 0
 
     # ------------------------------------------------------------------ service
 
@@ -227,6 +256,7 @@ class Daemon:
         self.state = state
         self.buffer.committed_through = committed
         for t in pending:
+            self._uncommitted[t.index] = t
             self.buffer.put(t)
         if state.completed or state.open:
             logger.info(
@@ -260,13 +290,56 @@ class Daemon:
             Batch(client_id=self._local_id, first_seq=self._local_seq, events=[event])
         )
         for traj in result.completed:
-            self.buffer.put(traj)
+            self._completed(traj)
         return result.rejected[0] if result.rejected else None
+
+    def _completed(self, traj: Trajectory) -> None:
+        if traj.index > self.buffer.committed_through:
+            self._uncommitted[traj.index] = traj
+        self.buffer.put(traj)
 
     def _write_cursor(self, index: int) -> None:
         tmp = self._data_dir / "cursor.tmp"
         tmp.write_text(str(index))
         os.replace(tmp, self._data_dir / "cursor")
+        for i in [i for i in self._uncommitted if i <= index]:
+            del self._uncommitted[i]
+        limit = self.config.wal_compact_bytes
+        if limit and self._wal is not None:
+            self._wal.flush()
+            if self._wal.size_bytes() - self._wal_compacted_at >= limit:
+                self.compact()
+
+    def compact(self) -> int:
+        """Snapshot the ingest state and delete the write-ahead log before it; returns the
+        bytes freed. Recovery then starts from the snapshot (same state, same pending
+        trajectories) and replays only the log after it."""
+        wal = self._wal
+        if wal is None:
+            raise RuntimeError("the daemon is not serving: start Daemon.serve first")
+        t0 = time.perf_counter()
+        wal.flush()
+        wal_from = wal.rotate()
+        snap = self.state.snapshot(
+            wal_from=wal_from, committed=self.buffer.committed_through,
+            pending=list(self._uncommitted.values()),
+        )
+        data = msgspec.msgpack.encode(snap)
+        tmp = self._data_dir / (_SNAPSHOT + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._data_dir / _SNAPSHOT)
+        freed = wal.drop_before(wal_from)
+        self._wal_compacted_at = wal.size_bytes()
+        self.counters["wal_compactions"] += 1
+        logger.info(
+            "daemon.wal_compacted", freed_bytes=freed, snapshot_bytes=len(data),
+            pending=len(snap.pending), open_rollouts=len(snap.open),
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        return freed
 
     async def _stats_loop(self) -> None:
         while True:
@@ -392,7 +465,7 @@ class Daemon:
             wal.flush()
         result = state.apply(batch)
         for traj in result.completed:
-            self.buffer.put(traj)
+            self._completed(traj)
         if result.rejected:
             for r in result.rejected[:5]:
                 logger.warning(

@@ -28,7 +28,7 @@ from ._protocol import (
 
 logger = structlog.get_logger()
 
-__all__ = ["GapError", "IngestState", "Trajectory"]
+__all__ = ["GapError", "IngestState", "Snapshot", "Trajectory"]
 
 
 class Trajectory(msgspec.Struct, kw_only=True):
@@ -71,6 +71,34 @@ class _Open:
         self.spans: list[Span] = []
 
 
+class _OpenRollout(msgspec.Struct, kw_only=True):
+    start: RolloutStart
+    client_id: str
+    transitions: list[Transition]
+    rewards: list[Reward]
+    spans: list[Span]
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    """The ingest state at a point of the write-ahead log, so the log before it can go.
+
+    Recovery = this state + replaying the log from segment :attr:`wal_from` on.
+    """
+
+    format: int = 1
+    wal_from: str
+    """First write-ahead log segment that is not part of this snapshot."""
+    hwm: dict[str, int]
+    open: list[_OpenRollout]
+    finished: list[str]
+    completed: int
+    counters: dict[str, int]
+    committed: int
+    """The consumer's commit point when the snapshot was taken."""
+    pending: list[Trajectory]
+    """Completed trajectories after ``committed``: still needed by the consumer."""
+
+
 class BatchResult(msgspec.Struct):
     acked_through: int
     rejected: list[Rejection]
@@ -87,6 +115,33 @@ class IngestState:
         self.max_finished = max_finished_remembered
         self.completed = 0
         self.counters: Counter[str] = Counter()
+
+    def snapshot(self, *, wal_from: str, committed: int, pending: list[Trajectory]) -> Snapshot:
+        """This state as a :class:`Snapshot` (shares the event objects: encode it at once)."""
+        return Snapshot(
+            wal_from=wal_from,
+            hwm=dict(self.hwm),
+            open=[_OpenRollout(start=o.start, client_id=o.client_id, transitions=o.transitions,
+                               rewards=o.rewards, spans=o.spans) for o in self.open.values()],
+            finished=list(self.finished),
+            completed=self.completed,
+            counters=dict(self.counters),
+            committed=committed,
+            pending=pending,
+        )
+
+    @classmethod
+    def from_snapshot(cls, snap: Snapshot, *, max_finished_remembered: int = 1_000_000) -> "IngestState":
+        state = cls(max_finished_remembered=max_finished_remembered)
+        state.hwm = dict(snap.hwm)
+        for o in snap.open:
+            op = _Open(o.start, o.client_id)
+            op.transitions, op.rewards, op.spans = o.transitions, o.rewards, o.spans
+            state.open[o.start.rollout_id] = op
+        state.finished = OrderedDict.fromkeys(snap.finished)
+        state.completed = snap.completed
+        state.counters = Counter(snap.counters)
+        return state
 
     def is_duplicate(self, batch: Batch) -> bool:
         """True if every event of the batch is already stored."""

@@ -77,7 +77,35 @@ class AppendLog:
         self._fh = open(self._tail, "ab")
         self._tail_size = 0
 
+    def rotate(self) -> str:
+        """End the current segment (if it holds anything); later appends go to a new one.
+        Returns the name of the segment the next record will be in."""
+        if self._tail_size > 0:
+            self._rotate()
+        return self._tail.name
+
+    def drop_before(self, name: str) -> int:
+        """Delete every segment before segment ``name`` (names sort by offset); returns the
+        bytes freed. The current segment is never deleted."""
+        freed = 0
+        keep = []
+        for seg in self._segments:
+            if seg.name < name and seg != self._tail:
+                freed += seg.stat().st_size if seg.exists() else 0
+                seg.unlink(missing_ok=True)
+            else:
+                keep.append(seg)
+        self._segments = keep
+        return freed
+
     # ----------------------------------------------------------------- reading
+
+    def iter_from(self, name: str) -> Iterator[bytes]:
+        """The records of segment ``name`` and every later one, in append order."""
+        self._fh.flush()
+        for seg in list(self._segments):
+            if seg.name >= name:
+                yield from _read_segment(seg)
 
     def __iter__(self) -> Iterator[bytes]:
         """All records in append order (flushes pending appends first)."""

@@ -51,8 +51,8 @@ class FakeEngine:
         return self.policy_version
 
 
-def make_daemon(data_dir: Path) -> Daemon:
-    d = Daemon(DaemonConfig(data_dir=str(data_dir), stats_interval_s=0))
+def make_daemon(data_dir: Path, **cfg) -> Daemon:
+    d = Daemon(DaemonConfig(data_dir=str(data_dir), stats_interval_s=0, **cfg))
     d._recover()
     d._wal = AppendLog(data_dir / "wal")
     return d
@@ -101,10 +101,11 @@ async def test_steps_publish_weights_and_versions(tmp_path):
     daemon._wal.close()
 
 
-async def test_crash_after_checkpoint_trains_every_trajectory_exactly_once(tmp_path):
+@pytest.mark.parametrize("compact", [0, 1], ids=["full-log", "compacted-log"])
+async def test_crash_after_checkpoint_trains_every_trajectory_exactly_once(tmp_path, compact):
     data, ckpt = tmp_path / "data", tmp_path / "data" / "checkpoints"
     # run 1: steps 1 and 2 (checkpoint at 2), step 3 trained but never checkpointed, crash
-    daemon, backend, engine = make_daemon(data), FakeBackend(), FakeEngine()
+    daemon, backend, engine = make_daemon(data, wal_compact_bytes=compact), FakeBackend(), FakeEngine()
     trainer = new_trainer(daemon, backend, engine, ckpt, save_every=2)
     async with anyio.create_task_group() as tg:
         tg.start_soon(trainer.run)
@@ -116,8 +117,9 @@ async def test_crash_after_checkpoint_trains_every_trajectory_exactly_once(tmp_p
     assert latest_checkpoint(ckpt).name == "step-000002"
     assert (data / "cursor").read_text() == "7"
 
+    assert (data / "snapshot.msgpack").exists() == bool(compact)
     # run 2: resumes at step 2 / version 2; step 3's data comes back and is trained once
-    daemon, backend, engine = make_daemon(data), FakeBackend(), FakeEngine()
+    daemon, backend, engine = make_daemon(data, wal_compact_bytes=compact), FakeBackend(), FakeEngine()
     trainer = new_trainer(daemon, backend, engine, ckpt, save_every=2)
     assert await trainer.resume()
     assert (trainer.step, trainer.version, engine.policy_version, backend.step) == (2, 2, 2, 2)
