@@ -305,7 +305,8 @@ class Daemon:
         for i in [i for i in self._uncommitted if i <= index]:
             del self._uncommitted[i]
         limit = self.config.wal_compact_bytes
-        if limit and self._wal is not None:
+        # (a consumer may commit while the daemon shuts down: the log is closed by then)
+        if limit and self._wal is not None and not self._wal.closed:
             self._wal.flush()
             if self._wal.size_bytes() - self._wal_compacted_at >= limit:
                 self.compact()

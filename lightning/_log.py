@@ -132,6 +132,10 @@ class AppendLog:
         self._fh = open(self._tail, "ab")
         self._tail_size = 0
 
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
+
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.flush()

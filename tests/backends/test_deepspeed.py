@@ -45,10 +45,12 @@ pytestmark = [
 ]
 
 #: The whole parity run is fp32 on CPU. ZeRO-0 runs the torch backend's exact operations
-#: (observed: bitwise-equal losses); ZeRO-1..3 flatten, partition and re-reduce gradients
-#: (observed relative differences <= 1e-6 in losses, ~4e-5 in grad norms, absolute weight
-#: differences ~2e-5 after three lr=1e-3 Adam steps).
-LOSS_RTOL_ZERO0 = 1e-9
+#: (observed: bitwise-equal losses with one OpenMP thread; with two threads a few fp32 ulps,
+#: 1.7e-8 relative, as the kernels may split reductions differently between the runs);
+#: ZeRO-1..3 flatten, partition and re-reduce gradients (observed relative differences
+#: <= 1e-6 in losses, ~4e-5 in grad norms, absolute weight differences ~2e-5 after three
+#: lr=1e-3 Adam steps).
+LOSS_RTOL_ZERO0 = 1e-6
 LOSS_RTOL = 1e-5
 GRAD_NORM_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
