@@ -26,6 +26,9 @@ from typing import Any
 
 from ._errors import ConfigError
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # anyio's dependency on Python 3.10
+
 __all__ = ["main", "train_main"]
 
 _DEFAULT_AGENT = "lightning.tasks.calc_x:agent"
@@ -152,10 +155,23 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lightning train: error: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # raised inside the task group
+        config_errors, rest = group.split(ConfigError)
+        if rest is not None or config_errors is None:
+            raise
+        for exc in _leaves(config_errors):
+            print(f"lightning train: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         log_file.close()
     _print_summary(summary, out)
     return 0
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
+    return [group]
 
 
 def _load_policy(model: str) -> tuple[Path, Any, Any]:
