@@ -87,7 +87,8 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="trajectories per optimizer step (default 32)")
     t.add_argument("--max-batch-tokens", type=int, default=None)
     t.add_argument("--estimator", default="grpo",
-                   choices=("grpo", "grpo_no_std", "rloo", "reinforce_pp"))
+                   help="grpo, grpo_no_std, rloo, reinforce_pp, or verl:<name> (verl's "
+                   "estimator by name, verl installed)")
     t.add_argument("--credit", default="returns_to_go",
                    choices=("final", "discounted", "returns_to_go"))
     t.add_argument("--gamma", type=float, default=1.0)

@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="trajectories per optimizer step (whole groups)")
     p.add_argument("--concurrency", type=int, default=32, help="rollouts in flight")
     p.add_argument("--estimator", default="grpo",
-                   choices=("grpo", "grpo_no_std", "rloo", "reinforce_pp"))
+                   help="grpo, grpo_no_std, rloo, reinforce_pp, or verl:<name> (verl's "
+                   "estimator by name, verl installed)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--max-staleness", type=int, default=1)
     p.add_argument("--overlap", action="store_true",
@@ -292,13 +293,16 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
             server = PolicyServer(engine, model_name=path.name, port=0, capture=daemon.capture)
             base_url = await tg.start(server.serve)
             backend = await load_backend(args.backend, path, backend_config)
-            batcher_config = BatcherConfig(
-                group_size=args.group_size,
-                batch_size=args.batch_size,
-                estimator=args.estimator,
-                max_staleness=args.max_staleness,
-                group_timeout_s=600.0,
-            )
+            try:
+                batcher_config = BatcherConfig(
+                    group_size=args.group_size,
+                    batch_size=args.batch_size,
+                    estimator=args.estimator,
+                    max_staleness=args.max_staleness,
+                    group_timeout_s=600.0,
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
             trainer = await start_trainer(
                 tg, daemon, backend, engine,
                 batcher_config=batcher_config,

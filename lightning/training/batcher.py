@@ -65,8 +65,11 @@ logger = structlog.get_logger()
 
 __all__ = ["Batch", "Batcher", "BatcherConfig", "ConsumedSet"]
 
-Estimator = Literal["grpo", "grpo_no_std", "rloo", "reinforce_pp"]
 ESTIMATORS: tuple[str, ...] = ("grpo", "grpo_no_std", "rloo", "reinforce_pp")
+"""Our estimators. ``"verl:<name>"`` uses verl's estimator registered as ``<name>`` (verl
+installed) on one score per transition (``G_k``) with the trajectory's group as verl's
+``index``: outcome-level estimators (``grpo``, ``rloo``, ``opo``...) mean what they mean in
+verl; token-level ones (``gae``, ``reinforce_plus_plus``) see one-token responses."""
 
 
 class BatcherConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -80,8 +83,8 @@ class BatcherConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Trajectories per optimizer step (whole groups: a batch may hold a few more)."""
     max_batch_tokens: int | None = None
     """Stop adding groups before a batch passes this many tokens (one group always fits)."""
-    estimator: Estimator = "grpo"
-    """Advantage estimator: grpo, grpo_no_std, rloo or reinforce_pp."""
+    estimator: str = "grpo"
+    """Advantage estimator: grpo, grpo_no_std, rloo, reinforce_pp, or verl:<name>."""
     credit: Literal["final", "discounted", "returns_to_go"] = "returns_to_go"
     """Credit assignment over a trajectory's transitions (:mod:`lightning.algorithms.credit`)."""
     gamma: float = 1.0
@@ -109,6 +112,13 @@ class BatcherConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.estimator not in ESTIMATORS and not (
+            self.estimator.startswith("verl:") and len(self.estimator) > 5
+        ):
+            raise ValueError(
+                f"unknown estimator {self.estimator!r}: choose one of {ESTIMATORS} or "
+                "'verl:<name>' (a verl estimator by name)"
+            )
         if not math.isfinite(self.failure_reward):
             raise ValueError(f"failure_reward must be finite, got {self.failure_reward}")
 
@@ -405,6 +415,8 @@ def _transition_advantages(
     G = torch.tensor([r for m in trajs for r in m.returns], dtype=torch.float32)  # [K]
     owner = torch.repeat_interleave(torch.arange(len(trajs)), lengths)  # [K]
     grouped = g_ids >= 0  # [N]
+    if estimator.startswith("verl:"):
+        return list(_verl_advantages(estimator[5:], G, owner, g_ids).split(lengths.tolist()))
     adv = torch.zeros_like(G)  # [K]
     if estimator == "reinforce_pp":
         adv = masked_whiten(G, None)  # [K]
@@ -425,3 +437,21 @@ def _transition_advantages(
         free = ~grouped[owner]  # [K]
         adv = torch.where(free, masked_whiten(G, free), adv)  # [K]
     return list(adv.split(lengths.tolist()))
+
+
+def _verl_advantages(
+    name: str, G: torch.Tensor, owner: torch.Tensor, g_ids: torch.Tensor
+) -> torch.Tensor:
+    """verl's estimator ``name`` over one score per transition, float32 ``[K]``."""
+    try:
+        from lightning_backends._verl import verl_advantages
+    except (ImportError, LookupError) as exc:
+        raise ValueError(
+            f"estimator 'verl:{name}' needs verl: pip install 'lightning-rl[verl]' ({exc})"
+        ) from exc
+    # one label per transition: its trajectory's group; ungrouped ones get their own
+    gid = torch.where(g_ids[owner] >= 0, g_ids[owner], -1 - owner)  # [K]
+    adv = verl_advantages(
+        name, G.unsqueeze(1), torch.ones(len(G), 1), [int(i) for i in gid]
+    )  # [K, 1]
+    return adv.squeeze(1).float()  # [K]

@@ -445,3 +445,24 @@ def test_gpu_example_loop_smoke(tmp_path: Path) -> None:
     assert all(r["actor/logprob_gap"] < LOGPROB_ATOL for r in rows)
     assert rows[0]["actor/grad_norm"] > 0
     assert (tmp_path / "rows.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("ours, theirs", [("grpo", "grpo"), ("rloo", "rloo")])
+def test_batcher_uses_verl_estimators_by_name(ours: str, theirs: str) -> None:
+    """``estimator="verl:<name>"``: verl's outcome estimator on the batcher's groups gives
+    the advantages of our own estimator of the same name."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+    from test_batcher import action_advantages, traj
+
+    from lightning.training.batcher import Batcher, BatcherConfig
+
+    out = {}
+    for name in (ours, f"verl:{theirs}"):
+        b = Batcher(BatcherConfig(group_size=4, batch_size=8, credit="final", estimator=name))
+        for g, rewards in (("a", (1.0, 0.0, 0.0, 1.0)), ("b", (0.5, 2.0, 0.0, 1.0))):
+            for r in rewards:
+                b.add(traj(r, group=g))
+        out[name] = [a[0] for a in action_advantages(b.next_batch(0).batch)]
+    assert out[f"verl:{theirs}"] == pytest.approx(out[ours], abs=1e-4)
