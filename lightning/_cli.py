@@ -76,6 +76,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--otlp-port", type=int, default=None,
                    help="with --model none: serve POST /v1/traces alone on this port")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--engine", default="torch", choices=("torch", "vllm"),
+                   help="inference engine: torch (default, CPU or GPU) or vllm "
+                   "(pip install 'lightning-rl[vllm]'; weights updated in place, landing "
+                   "check after each update)")
     t = p.add_argument_group("training (see lightning.training.batcher for the semantics)")
     t.add_argument("--backend-config", default=None, metavar="TOML",
                    help="backend settings file (torch: TorchBackendConfig fields, e.g. lr)")
@@ -322,8 +326,23 @@ async def _serve_policy(tg, daemon, args: argparse.Namespace):
     from .otel import TraceReceiver
     from .serving import PolicyServer
 
-    path, model, tok = await anyio.to_thread.run_sync(_load_policy, args)
-    engine = TorchEngine(model, tok, max_model_len=args.max_model_len)
+    if args.engine == "vllm":
+        from .engine.vllm_engine import create_vllm_engine
+
+        from .engine.base import EngineError
+
+        path = _model_path(args)
+        try:
+            import torch
+
+            cpu = args.device == "cpu" or not torch.cuda.is_available()
+            engine = create_vllm_engine(path, max_model_len=args.max_model_len,
+                                        dtype="float32" if cpu else "auto")
+        except (LookupError, EngineError) as exc:  # not installed, or an untested version
+            raise ConfigError(str(exc)) from exc
+    else:
+        path, model, tok = await anyio.to_thread.run_sync(_load_policy, args)
+        engine = TorchEngine(model, tok, max_model_len=args.max_model_len)
     await tg.start(engine.serve)
     server = PolicyServer(
         engine,

@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in --out")
     p.add_argument("--backend", default="torch", choices=("torch", "deepspeed", "verl"),
                    help="training backend (one process; default torch)")
+    p.add_argument("--engine", default="torch", choices=("torch", "vllm"),
+                   help="inference engine (vllm: pip install 'lightning-rl[vllm]')")
     p.add_argument("--backend-config", default=None, metavar="TOML",
                    help="backend settings (e.g. TorchBackendConfig fields); --lr wins")
     p.add_argument("--seed", type=int, default=0)
@@ -175,18 +177,22 @@ def _leaves(group: BaseException) -> list[BaseException]:
     return [group]
 
 
+def _model_dir(model: str) -> Path:
+    if model == "default":
+        from .models import default_model_path
+
+        return default_model_path()
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"--model {model!r} is not a Hugging Face checkpoint directory")
+    return path
+
+
 def _load_policy(model: str) -> tuple[Path, Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model == "default":
-        from .models import default_model_path
-
-        path = default_model_path()
-    else:
-        path = Path(model)
-        if not (path / "config.json").exists():
-            raise ConfigError(f"--model {model!r} is not a Hugging Face checkpoint directory")
+    path = _model_dir(model)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     return path, m.eval(), tok
@@ -283,10 +289,26 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
 
     try:
         progress.note("loading the model")
-        path, model, tok = await anyio.to_thread.run_sync(_load_policy, args.model)
         daemon = Daemon(DaemonConfig(bind="tcp://127.0.0.1:0", data_dir=str(out / "data"),
                                      stats_interval_s=0))
-        engine = TorchEngine(model, tok, max_num_seqs=max(args.concurrency, 1), seed=args.seed)
+        if args.engine == "vllm":
+            from .engine.vllm_engine import create_vllm_engine
+
+            from .engine.base import EngineError
+
+            path = _model_dir(args.model)
+            try:
+                engine = create_vllm_engine(
+                    path, max_num_seqs=max(args.concurrency, 1), seed=args.seed,
+                    # the CPU trainer is fp32: so is the engine (the landing check compares)
+                    dtype="auto" if torch.cuda.is_available() else "float32",
+                )
+            except (LookupError, EngineError) as exc:  # not installed, untested version
+                raise ConfigError(str(exc)) from exc
+        else:
+            path, model, tok = await anyio.to_thread.run_sync(_load_policy, args.model)
+            engine = TorchEngine(model, tok, max_num_seqs=max(args.concurrency, 1),
+                                 seed=args.seed)
         async with anyio.create_task_group() as tg:
             address = await tg.start(daemon.serve)
             await tg.start(engine.serve)

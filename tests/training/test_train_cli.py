@@ -71,19 +71,20 @@ def test_lightning_train_reports_bad_arguments(tmp_path, agent, message):
     assert message in proc.stderr
 
 
-def test_lightning_train_names_the_extra_of_a_missing_backend(tmp_path):
+@pytest.mark.parametrize("flag, package", [("--backend=verl", "verl"), ("--engine=vllm", "vllm")])
+def test_lightning_train_names_the_extra_of_a_missing_package(tmp_path, flag, package):
     import importlib.util
 
-    if importlib.util.find_spec("verl") is not None:
-        pytest.skip("verl is installed here")
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning", "train", "--backend", "verl", "--agent",
-         "toy_agent:agent", "--model", str(tiny_model_path()), "--out", str(tmp_path / "x"),
-         "--eval-tasks", "0", "--no-progress"],
+        [sys.executable, "-m", "lightning", "train", flag, "--agent", "toy_agent:agent",
+         "--model", str(tiny_model_path()), "--out", str(tmp_path / "x"), "--eval-tasks", "0",
+         "--no-progress"],
         capture_output=True, text=True, env=env(), timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "pip install 'lightning-rl[verl]'" in proc.stderr
+    assert "pip install" in proc.stderr and package in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 
