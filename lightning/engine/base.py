@@ -26,6 +26,7 @@ Errors::
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import msgspec
@@ -45,6 +46,7 @@ __all__ = [
     "SamplingParams",
     "WeightUpdateError",
     "Weights",
+    "collect_stream",
 ]
 
 FinishReason = Literal["stop", "length"]
@@ -253,3 +255,38 @@ class InferenceEngine(Protocol):
     async def aclose(self) -> None:
         """Stop: waiting and running requests fail with ``EngineClosedError``."""
         ...
+
+
+async def collect_stream(
+    engine: Any, prompt_token_ids: Sequence[int], params: SamplingParams | None = None
+) -> GenerationResult:
+    """``generate`` for an engine that streams: gathers ``engine.generate_stream``'s deltas
+    into one :class:`Choice` per sample (the iterator is closed on every exit)."""
+    params = SamplingParams() if params is None else params
+    prompt = [int(t) for t in prompt_token_ids]
+    parts: list[list[CompletionDelta]] = [[] for _ in range(params.n)]
+    async with aclosing(engine.generate_stream(prompt, params)) as stream:
+        async for delta in stream:
+            parts[delta.index].append(delta)
+    choices = []
+    for index, deltas in enumerate(parts):
+        last = deltas[-1]
+        assert last.finish_reason is not None
+        top = None
+        if params.top_logprobs:
+            top = [t for d in deltas for t in (d.top_logprobs or [])]
+        choices.append(
+            Choice(
+                index=index,
+                token_ids=[t for d in deltas for t in d.token_ids],
+                logprobs=[lp for d in deltas for lp in d.logprobs],
+                top_logprobs=top,
+                text="".join(d.text for d in deltas),
+                finish_reason=last.finish_reason,
+                stop_reason=last.stop_reason,
+                policy_version=last.policy_version,
+            )
+        )
+    return GenerationResult(
+        prompt_token_ids=prompt, choices=choices, policy_version=choices[0].policy_version
+    )

@@ -72,7 +72,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -82,7 +81,6 @@ from anyio.abc import TaskGroup, TaskStatus
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lightning.engine.base import (
-    Choice,
     CompletionDelta,
     ContextLengthError,
     EngineClosedError,
@@ -93,6 +91,7 @@ from lightning.engine.base import (
     SamplingParams,
     Weights,
     WeightUpdateError,
+    collect_stream,
 )
 
 __all__ = ["EngineStats", "TorchEngine"]
@@ -722,34 +721,7 @@ class TorchEngine:
     async def generate(
         self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None
     ) -> GenerationResult:
-        params = SamplingParams() if params is None else params
-        prompt = [int(t) for t in prompt_token_ids]
-        parts: list[list[CompletionDelta]] = [[] for _ in range(params.n)]
-        async with aclosing(self.generate_stream(prompt, params)) as stream:
-            async for delta in stream:
-                parts[delta.index].append(delta)
-        choices = []
-        for index, deltas in enumerate(parts):
-            last = deltas[-1]
-            assert last.finish_reason is not None
-            top = None
-            if params.top_logprobs:
-                top = [t for d in deltas for t in (d.top_logprobs or [])]
-            choices.append(
-                Choice(
-                    index=index,
-                    token_ids=[t for d in deltas for t in d.token_ids],
-                    logprobs=[lp for d in deltas for lp in d.logprobs],
-                    top_logprobs=top,
-                    text="".join(d.text for d in deltas),
-                    finish_reason=last.finish_reason,
-                    stop_reason=last.stop_reason,
-                    policy_version=last.policy_version,
-                )
-            )
-        return GenerationResult(
-            prompt_token_ids=prompt, choices=choices, policy_version=choices[0].policy_version
-        )
+        return await collect_stream(self, prompt_token_ids, params)
 
     # ------------------------------------------------------------------ weights
 

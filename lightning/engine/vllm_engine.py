@@ -92,7 +92,6 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from lightning.engine.base import (
-    Choice,
     CompletionDelta,
     ContextLengthError,
     EngineClosedError,
@@ -102,6 +101,7 @@ from lightning.engine.base import (
     SamplingParams,
     Weights,
     WeightUpdateError,
+    collect_stream,
 )
 
 __all__ = [
@@ -874,34 +874,7 @@ class VLLMEngine:
     async def generate(
         self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None
     ) -> GenerationResult:
-        params = SamplingParams() if params is None else params
-        prompt = [int(t) for t in prompt_token_ids]
-        parts: list[list[CompletionDelta]] = [[] for _ in range(params.n)]
-        async with aclosing(self.generate_stream(prompt, params)) as stream:
-            async for delta in stream:
-                parts[delta.index].append(delta)
-        choices = []
-        for index, deltas in enumerate(parts):
-            last = deltas[-1]
-            assert last.finish_reason is not None
-            top = None
-            if params.top_logprobs:
-                top = [t for d in deltas for t in (d.top_logprobs or [])]
-            choices.append(
-                Choice(
-                    index=index,
-                    token_ids=[t for d in deltas for t in d.token_ids],
-                    logprobs=[lp for d in deltas for lp in d.logprobs],
-                    top_logprobs=top,
-                    text="".join(d.text for d in deltas),
-                    finish_reason=last.finish_reason,
-                    stop_reason=last.stop_reason,
-                    policy_version=last.policy_version,
-                )
-            )
-        return GenerationResult(
-            prompt_token_ids=prompt, choices=choices, policy_version=choices[0].policy_version
-        )
+        return await collect_stream(self, prompt_token_ids, params)
 
     async def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]:
         """vLLM's log-probs of ``token_ids[1:]``, each given the tokens before it
