@@ -25,7 +25,9 @@ Errors::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import random
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -46,7 +48,11 @@ __all__ = [
     "SamplingParams",
     "WeightUpdateError",
     "Weights",
+    "check_request",
+    "check_weight_shapes",
     "collect_stream",
+    "eos_ids",
+    "render_chat",
 ]
 
 FinishReason = Literal["stop", "length"]
@@ -290,3 +296,140 @@ async def collect_stream(
     return GenerationResult(
         prompt_token_ids=prompt, choices=choices, policy_version=choices[0].policy_version
     )
+
+
+# ------------------------------------------------------------ shared by the engines
+
+
+def check_request(
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams | None,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    max_top_logprobs: int,
+    seed_rng: random.Random | None,
+) -> tuple[list[int], SamplingParams, int, int]:
+    """Validate a request: ``(prompt, params, max_tokens, seed)``.
+
+    ``max_tokens`` defaults to what fits in ``max_model_len``; ``seed`` to a fresh one
+    (from ``seed_rng`` when the engine was seeded).
+
+    Raises:
+        InvalidRequestError: wrong params type, empty prompt, ids outside the vocabulary,
+            too many top log-probs or choices.
+        ContextLengthError: the prompt (+ ``max_tokens``) does not fit.
+    """
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+    prompt = [int(t) for t in prompt_token_ids]
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty: send at least one token id")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    bad = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"stop_token_ids out of range [0, {vocab_size}): {bad[:5]}")
+    if params.top_logprobs > max_top_logprobs:
+        raise InvalidRequestError(
+            f"top_logprobs={params.top_logprobs} exceeds the most this engine returns "
+            f"({max_top_logprobs})"
+        )
+    if params.n > max_num_seqs:
+        raise InvalidRequestError(
+            f"n={params.n} exceeds max_num_seqs={max_num_seqs}; lower n or raise max_num_seqs"
+        )
+    limit = max_model_len
+    if len(prompt) >= limit:
+        raise ContextLengthError(
+            f"the prompt has {len(prompt)} tokens but max_model_len is {limit} (room for at "
+            "least one generated token is needed); shorten the prompt",
+            limit=limit,
+            requested=len(prompt) + 1,
+        )
+    if params.max_tokens is None:
+        max_tokens = limit - len(prompt)
+    else:
+        max_tokens = params.max_tokens
+        if len(prompt) + max_tokens > limit:
+            raise ContextLengthError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = "
+                f"{len(prompt) + max_tokens} exceeds max_model_len {limit}; lower max_tokens "
+                f"to at most {limit - len(prompt)} or shorten the prompt",
+                limit=limit,
+                requested=len(prompt) + max_tokens,
+            )
+    seed = params.seed
+    if seed is None:
+        seed = seed_rng.getrandbits(63) if seed_rng else secrets.randbits(63)
+    return prompt, params, max_tokens, seed
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    **template_kwargs: Any,
+) -> list[int]:
+    """The prompt token ids of ``messages`` through ``tokenizer``'s chat template.
+
+    Raises:
+        InvalidRequestError: no chat template, or tools given to a template without them.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise InvalidRequestError(
+            "the tokenizer has no chat template: send token ids (completions) or load a "
+            "checkpoint whose tokenizer_config/chat_template.jinja defines one"
+        )
+    if tools and isinstance(template, str) and "tools" not in template:
+        raise InvalidRequestError(
+            "this model's chat template does not render tools, so they would be dropped "
+            "silently; use a template that does (lightning.models.CHAT_TEMPLATE)"
+        )
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages],
+        tools=[dict(t) for t in tools] if tools else None,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=False,
+        **template_kwargs,
+    )
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def eos_ids(sources: Iterable[Any]) -> frozenset[int]:
+    """Every ``eos_token_id`` (an int or a list) of ``sources`` (configs, tokenizer)."""
+    ids: set[int] = set()
+    for source in sources:
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def check_weight_shapes(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every name of ``given`` is a model weight (``state_dict()`` names) of its shape.
+
+    Raises:
+        WeightUpdateError: an unknown name, or a shape that differs.
+    """
+    unknown = [k for k in given if k not in shapes]
+    if unknown:
+        raise WeightUpdateError(
+            f"{len(unknown)} weight name(s) are not in the model, e.g. {unknown[:3]}; "
+            f"use the Hugging Face state_dict() names such as {list(shapes)[:2]}"
+        )
+    wrong = [
+        f"{k}: got {tuple(t.shape)}, expected {tuple(shapes[k])}"
+        for k, t in given.items()
+        if tuple(t.shape) != tuple(shapes[k])
+    ]
+    if wrong:
+        raise WeightUpdateError(f"weight shapes do not match the model: {wrong[:3]}")

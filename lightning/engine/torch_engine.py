@@ -67,7 +67,6 @@ import inspect
 import math
 import os
 import random
-import secrets
 import sys
 import time
 from collections import deque
@@ -82,16 +81,18 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lightning.engine.base import (
     CompletionDelta,
-    ContextLengthError,
     EngineClosedError,
     EngineError,
     FinishReason,
     GenerationResult,
-    InvalidRequestError,
     SamplingParams,
     Weights,
     WeightUpdateError,
+    check_request,
+    check_weight_shapes,
     collect_stream,
+    eos_ids,
+    render_chat,
 )
 
 __all__ = ["EngineStats", "TorchEngine"]
@@ -485,14 +486,7 @@ class TorchEngine:
 
     @staticmethod
     def _find_eos(model: Any, tokenizer: Any) -> frozenset[int]:
-        ids: set[int] = set()
-        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return frozenset(ids)
+        return eos_ids((getattr(model, "generation_config", None), model.config, tokenizer))
 
     # ------------------------------------------------------------------ properties
 
@@ -532,25 +526,8 @@ class TorchEngine:
         add_generation_prompt: bool = True,
         **template_kwargs: Any,
     ) -> list[int]:
-        template = getattr(self._tokenizer, "chat_template", None)
-        if not template:
-            raise InvalidRequestError(
-                "the tokenizer has no chat template: send token ids (completions) or load a "
-                "checkpoint whose tokenizer_config/chat_template.jinja defines one"
-            )
-        if tools and isinstance(template, str) and "tools" not in template:
-            raise InvalidRequestError(
-                "this model's chat template does not render tools, so they would be dropped "
-                "silently; use a template that does (lightning.models.CHAT_TEMPLATE)"
-            )
-        text = self._tokenizer.apply_chat_template(
-            [dict(m) for m in messages],
-            tools=[dict(t) for t in tools] if tools else None,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            **template_kwargs,
-        )
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return render_chat(self._tokenizer, messages, tools=tools,
+                           add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -641,53 +618,11 @@ class TorchEngine:
 
     def _submit(self, prompt_token_ids: Sequence[int], params: SamplingParams | None) -> _Request:
         self._check_running()
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt = [int(t) for t in prompt_token_ids]
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: send at least one token id")
-        bad = [t for t in prompt if not 0 <= t < self._vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token ids out of range [0, {self._vocab_size}): {bad[:5]}"
-            )
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self._vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"stop_token_ids out of range [0, {self._vocab_size}): {bad[:5]}"
-            )
-        if params.top_logprobs > self._vocab_size:
-            raise InvalidRequestError(
-                f"top_logprobs must be <= the vocabulary size {self._vocab_size}"
-            )
-        if params.n > self._max_num_seqs:
-            raise InvalidRequestError(
-                f"n={params.n} exceeds max_num_seqs={self._max_num_seqs}; lower n or raise max_num_seqs"
-            )
-        limit = self._max_model_len
-        if len(prompt) >= limit:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt)} tokens but max_model_len is {limit} (room for at "
-                "least one generated token is needed); shorten the prompt",
-                limit=limit,
-                requested=len(prompt) + 1,
-            )
-        if params.max_tokens is None:
-            max_tokens = limit - len(prompt)
-        else:
-            max_tokens = params.max_tokens
-            if len(prompt) + max_tokens > limit:
-                raise ContextLengthError(
-                    f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = "
-                    f"{len(prompt) + max_tokens} exceeds max_model_len {limit}; lower max_tokens "
-                    "to at most " + str(limit - len(prompt)) + " or shorten the prompt",
-                    limit=limit,
-                    requested=len(prompt) + max_tokens,
-                )
-        seed = params.seed
-        if seed is None:
-            seed = self._seed_rng.getrandbits(63) if self._seed_rng else secrets.randbits(63)
+        prompt, params, max_tokens, seed = check_request(
+            prompt_token_ids, params, vocab_size=self._vocab_size,
+            max_model_len=self._max_model_len, max_num_seqs=self._max_num_seqs,
+            max_top_logprobs=self._vocab_size, seed_rng=self._seed_rng,
+        )
         req = _Request(prompt, params, max_tokens, seed)
         self._waiting.append(req)
         assert self._wake is not None
@@ -759,20 +694,8 @@ class TorchEngine:
                 return
             targets = dict(self._model.named_parameters(remove_duplicate=False))
             targets.update(self._model.named_buffers(remove_duplicate=False))
-            unknown = [k for k in weights if k not in targets]
-            if unknown:
-                raise WeightUpdateError(
-                    f"{len(unknown)} weight name(s) are not in the model, e.g. {unknown[:3]}; "
-                    f"use model.state_dict() names such as {list(targets)[:2]}"
-                )
             tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
-            wrong = [
-                f"{k}: got {tuple(t.shape)}, expected {tuple(targets[k].shape)}"
-                for k, t in tensors.items()
-                if t.shape != targets[k].shape
-            ]
-            if wrong:
-                raise WeightUpdateError(f"weight shapes do not match the model: {wrong[:3]}")
+            check_weight_shapes(tensors, {k: tuple(t.shape) for k, t in targets.items()})
             for k, t in tensors.items():
                 targets[k].copy_(t)
 

@@ -76,7 +76,6 @@ import math
 import os
 import random
 import re
-import secrets
 import sys
 import tempfile
 import time
@@ -93,7 +92,6 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from lightning.engine.base import (
     CompletionDelta,
-    ContextLengthError,
     EngineClosedError,
     EngineError,
     GenerationResult,
@@ -101,7 +99,11 @@ from lightning.engine.base import (
     SamplingParams,
     Weights,
     WeightUpdateError,
+    check_request,
+    check_weight_shapes,
     collect_stream,
+    eos_ids,
+    render_chat,
 )
 
 __all__ = [
@@ -444,25 +446,8 @@ class VLLMEngine:
         **template_kwargs: Any,
     ) -> list[int]:
         self._check_started()
-        template = getattr(self._tokenizer, "chat_template", None)
-        if not template:
-            raise InvalidRequestError(
-                "the tokenizer has no chat template: send token ids (completions) or load a "
-                "checkpoint whose tokenizer_config/chat_template.jinja defines one"
-            )
-        if tools and isinstance(template, str) and "tools" not in template:
-            raise InvalidRequestError(
-                "this model's chat template does not render tools, so they would be dropped "
-                "silently; use a template that does (lightning.models.CHAT_TEMPLATE)"
-            )
-        text = self._tokenizer.apply_chat_template(
-            [dict(m) for m in messages],
-            tools=[dict(t) for t in tools] if tools else None,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            **template_kwargs,
-        )
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return render_chat(self._tokenizer, messages, tools=tools,
+                           add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         self._check_started()
@@ -630,19 +615,12 @@ class VLLMEngine:
 
     @staticmethod
     def _find_eos(config: Any, tokenizer: Any) -> frozenset[int]:
-        ids: set[int] = set()
         sources = [config, tokenizer]
         with contextlib.suppress(Exception):
             from transformers import GenerationConfig
 
             sources.insert(0, GenerationConfig.from_pretrained(str(config._name_or_path)))
-        for source in sources:
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return frozenset(ids)
+        return eos_ids(sources)
 
     def _start_vllm(self) -> None:
         """Build ``AsyncLLM`` into ``self._llm`` (worker thread: it blocks until the engine
@@ -709,53 +687,11 @@ class VLLMEngine:
         self, prompt_token_ids: Sequence[int], params: SamplingParams | None
     ) -> tuple[list[int], SamplingParams, int, int]:
         self._check_running()
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt = [int(t) for t in prompt_token_ids]
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: send at least one token id")
-        vocab = self._vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"stop_token_ids out of range [0, {vocab}): {bad[:5]}")
-        if params.top_logprobs > self._max_logprobs:
-            raise InvalidRequestError(
-                f"top_logprobs={params.top_logprobs} exceeds this engine's max_logprobs="
-                f"{self._max_logprobs}"
-            )
-        if params.n > self._max_num_seqs:
-            raise InvalidRequestError(
-                f"n={params.n} exceeds max_num_seqs={self._max_num_seqs}; lower n or raise "
-                "max_num_seqs"
-            )
-        limit = self._max_model_len
-        if len(prompt) >= limit:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt)} tokens but max_model_len is {limit} (room for at "
-                "least one generated token is needed); shorten the prompt",
-                limit=limit,
-                requested=len(prompt) + 1,
-            )
-        if params.max_tokens is None:
-            max_tokens = limit - len(prompt)
-        else:
-            max_tokens = params.max_tokens
-            if len(prompt) + max_tokens > limit:
-                raise ContextLengthError(
-                    f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = "
-                    f"{len(prompt) + max_tokens} exceeds max_model_len {limit}; lower max_tokens "
-                    f"to at most {limit - len(prompt)} or shorten the prompt",
-                    limit=limit,
-                    requested=len(prompt) + max_tokens,
-                )
-        seed = params.seed
-        if seed is None:
-            seed = self._seed_rng.getrandbits(63) if self._seed_rng else secrets.randbits(63)
-        return prompt, params, max_tokens, seed
+        return check_request(
+            prompt_token_ids, params, vocab_size=self._vocab_size,
+            max_model_len=self._max_model_len, max_num_seqs=self._max_num_seqs,
+            max_top_logprobs=self._max_logprobs, seed_rng=self._seed_rng,
+        )
 
     @staticmethod
     def _vllm_params(params: SamplingParams, max_tokens: int, seed: int) -> Any:
@@ -1010,19 +946,7 @@ class VLLMEngine:
                 source: Mapping[str, Any] = self._mirror.state_dict()
             else:
                 given = {k: torch.as_tensor(v) for k, v in weights.items()}
-                unknown = [k for k in given if k not in self._shapes]
-                if unknown:
-                    raise WeightUpdateError(
-                        f"{len(unknown)} weight name(s) are not in the model, e.g. {unknown[:3]}; "
-                        f"use the Hugging Face state_dict() names such as {list(self._shapes)[:2]}"
-                    )
-                wrong = [
-                    f"{k}: got {tuple(t.shape)}, expected {self._shapes[k]}"
-                    for k, t in given.items()
-                    if tuple(t.shape) != self._shapes[k]
-                ]
-                if wrong:
-                    raise WeightUpdateError(f"weight shapes do not match the model: {wrong[:3]}")
+                check_weight_shapes(given, self._shapes)
                 for alias, target in self._aliases.items():
                     if alias in given and target in given:
                         a, b = given[alias], given[target]
