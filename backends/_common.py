@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 import torch
 
+from lightning._errors import ConfigError
 from lightning.algorithms.aggregate import get_aggregator
 from lightning.algorithms.cispo import cispo_loss
 from lightning.algorithms.kl import kl_penalty_loss
@@ -33,6 +34,7 @@ from lightning.training.batch import TrainBatch
 __all__ = [
     "LossSettings",
     "TrainSettings",
+    "as_settings",
     "StepSums",
     "action_logprobs",
     "agg_units",
@@ -92,6 +94,24 @@ class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm}"
             )
 
+
+_S = TypeVar("_S", bound=TrainSettings)
+
+
+def as_settings(config: Any, cls: type[_S], backend: str) -> _S:
+    """``config`` as ``cls``: None gives the defaults, a dict (e.g. from TOML) is checked.
+
+    Raises:
+        ConfigError: (a ``ValueError``) an unknown field or a wrong type, named.
+    """
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    try:
+        return msgspec.convert(config, type=cls)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid {backend} backend config: {exc}") from exc
 
 class LossSettings(Protocol):
     """The loss fields a backend config carries (see ``TorchBackendConfig`` for meanings)."""

@@ -73,7 +73,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import msgspec
 import torch
 import torch.distributed as dist
 
@@ -83,6 +82,7 @@ from lightning.training.batch import TrainBatch, split_by_token_budget
 from ._common import (
     StepSums,
     TrainSettings,
+    as_settings,
     action_logprobs,
     agg_units,
     micro_batch_loss,
@@ -172,15 +172,7 @@ def map_deepspeed_exceptions(what: str) -> Iterator[None]:
 
 
 def _as_config(config: Any) -> DeepSpeedBackendConfig:
-    if config is None:
-        return DeepSpeedBackendConfig()
-    if isinstance(config, DeepSpeedBackendConfig):
-        return config
-    try:
-        return msgspec.convert(config, type=DeepSpeedBackendConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid deepspeed backend config: {exc}") from exc
-
+    return as_settings(config, DeepSpeedBackendConfig, "deepspeed")
 
 def _bf16(cfg: DeepSpeedBackendConfig) -> bool:
     if cfg.dtype is not None:

@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import msgspec
 import torch
 
 from lightning._errors import BackendError
@@ -45,6 +44,7 @@ from lightning.training.batch import TrainBatch, split_by_token_budget
 from ._common import (
     StepSums,
     TrainSettings,
+    as_settings,
     action_logprobs,
     agg_units,
     micro_batch_loss,
@@ -99,15 +99,7 @@ def map_torch_exceptions(what: str) -> Iterator[None]:
 
 
 def _as_config(config: Any) -> TorchBackendConfig:
-    if config is None:
-        return TorchBackendConfig()
-    if isinstance(config, TorchBackendConfig):
-        return config
-    try:
-        return msgspec.convert(config, type=TorchBackendConfig)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"invalid torch backend config: {exc}") from exc
-
+    return as_settings(config, TorchBackendConfig, "torch")
 
 def _pick_device_dtype(cfg: TorchBackendConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

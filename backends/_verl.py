@@ -55,7 +55,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
-import msgspec
 import torch
 
 from lightning._errors import BackendError
@@ -65,7 +64,7 @@ from lightning.algorithms.kl import kl_penalty_loss
 from lightning.algorithms.ppo import ppo_clip_loss
 from lightning.training.batch import TrainBatch
 
-from ._common import TrainSettings
+from ._common import TrainSettings, as_settings
 
 if importlib.util.find_spec("verl") is None:  # get_backend turns this into "pip install [verl]"
     raise ModuleNotFoundError("No module named 'verl'", name="verl")
@@ -184,15 +183,7 @@ def _from_verl(exc: BaseException) -> bool:
 
 
 def _as_config(config: Any) -> VerlBackendConfig:
-    if config is None:
-        return VerlBackendConfig()
-    if isinstance(config, VerlBackendConfig):
-        return config
-    try:
-        return msgspec.convert(config, type=VerlBackendConfig)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"invalid verl backend config: {exc}") from exc
-
+    return as_settings(config, VerlBackendConfig, "verl")
 
 def _free_port() -> int:
     with socket.socket() as s:
