@@ -40,14 +40,19 @@ KV cache: a slab of rows, one row per running sequence
       which dominate at these batch sizes).
 
 Sampling (per row, vectorised)
-    logits (fp32) / temperature → top-k and top-p masks (only for rows that ask) →
-    log-softmax = the *processed* log-probs returned for the sampled tokens. Sampling is
-    an exponential race (Gumbel-max: ``argmax(logp - log E)``, ``E ~ Exp(1)``) whose noise
-    comes from the request's own ``torch.Generator`` (on the engine's device), so a seeded
-    request samples the same tokens whatever else is in the batch. The race is also
-    robust to the last-bit logit differences between batch shapes (inverse-CDF sampling
-    is not: with a flat distribution its token boundaries are closer than fp32 noise).
-    Greedy (temperature 0) takes the argmax and reports log-probs at temperature 1.
+    logits (fp32) / temperature → top-k and top-p masks (only for rows that ask) → the
+    *processed* log-probs (``x - logsumexp(x)``) returned for the sampled tokens. A draw
+    descends a three-level tree over the vocabulary (blocks of 64 x 64 tokens, then 64,
+    then one): at each level an inverse CDF over the children's mass picks one child,
+    with a uniform from the request's own ``torch.Generator`` (on the CPU whatever the
+    device), so a seeded request samples the same tokens whatever else is in the batch.
+    Each choice compares one uniform against at most 64 boundaries, so the last-bit
+    logit differences between batch shapes practically never change a token (one flat
+    inverse CDF over the whole vocabulary would: its boundaries are closer than fp32
+    noise). Cost per row: a few passes over the logits and three uniforms, where a
+    Gumbel/exponential race needs a random number per vocabulary entry (that was 70% of
+    a batch-16 decode step on the tiny model). Greedy (temperature 0) takes the argmax
+    and reports log-probs at temperature 1.
 
 CPU threads: forwards run on the anyio worker thread. Once another thread (say a trainer on
 the main thread) has also run torch ops, libgomp manages more OpenMP threads than there
@@ -310,7 +315,7 @@ class _Seq:
     def __init__(self, req: _Request, index: int, tokenizer: Any, device: torch.device) -> None:
         self.req = req
         self.index = index
-        self.generator = torch.Generator(device).manual_seed(_choice_seed(req.seed, index))
+        self.generator = torch.Generator().manual_seed(_choice_seed(req.seed, index))
         self.detok = _Detokenizer(tokenizer, req.prompt, req.params.stop)
         self.tokens = 0
         self.cache_len = 0  # tokens of this sequence in its slab row
@@ -526,8 +531,13 @@ class TorchEngine:
         add_generation_prompt: bool = True,
         **template_kwargs: Any,
     ) -> list[int]:
-        return render_chat(self._tokenizer, messages, tools=tools,
-                           add_generation_prompt=add_generation_prompt, **template_kwargs)
+        return render_chat(
+            self._tokenizer,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -619,9 +629,13 @@ class TorchEngine:
     def _submit(self, prompt_token_ids: Sequence[int], params: SamplingParams | None) -> _Request:
         self._check_running()
         prompt, params, max_tokens, seed = check_request(
-            prompt_token_ids, params, vocab_size=self._vocab_size,
-            max_model_len=self._max_model_len, max_num_seqs=self._max_num_seqs,
-            max_top_logprobs=self._vocab_size, seed_rng=self._seed_rng,
+            prompt_token_ids,
+            params,
+            vocab_size=self._vocab_size,
+            max_model_len=self._max_model_len,
+            max_num_seqs=self._max_num_seqs,
+            max_top_logprobs=self._vocab_size,
+            seed_rng=self._seed_rng,
         )
         req = _Request(prompt, params, max_tokens, seed)
         self._waiting.append(req)
@@ -1009,6 +1023,54 @@ def _threshold(
     return values.gather(1, kept - 1)
 
 
+#: Sampling descends a tree over the vocabulary with _FANOUT children per node and
+#: _LEVELS levels (leaves padded to a multiple of _FANOUT ** (_LEVELS - 1)).
+_FANOUT = 64
+_LEVELS = 3
+
+
+def _pick(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF choice of one child per row: weights [R, K] >= 0 with a positive sum,
+    u [R] in [0, 1). A child of weight 0 is never chosen."""
+    cum = weights.cumsum(dim=-1)  # [R, K]
+    target = u * cum[:, -1]  # [R]
+    idx = (cum <= target[:, None]).sum(dim=-1)  # first child whose cumulative mass > target
+    # u * total can round up to total: clamp to the last child with mass.
+    last = weights.shape[1] - 1 - (weights.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
+    return torch.minimum(idx, last)
+
+
+def _tree_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One exact draw per row of ``probs`` [R, V] (non-negative, positive row sums), using
+    the _LEVELS uniforms of ``u`` [R, _LEVELS]; returns [R] token ids.
+
+    Hierarchical inverse-CDF: pick a top-level block by its mass, then a child within it,
+    down to a token: P(token) = product of (child mass / parent mass) = p(token). One
+    flat inverse CDF over the whole vocabulary would be as exact but not robust: its V
+    boundaries move with the last-bit logit differences between batch shapes, so a
+    seeded request would change tokens with the company it keeps (~V x 1e-7 per token).
+    Here each level compares one uniform against at most _FANOUT boundaries within one
+    node, so a token changes only when a uniform falls within rounding noise of one of
+    them. It is also cheap: two reductions over the probabilities and three small
+    cumulative sums, against V random numbers per row for a Gumbel/exponential race.
+    """
+    rows, vocab = probs.shape
+    f = _FANOUT
+    block = f ** (_LEVELS - 1)
+    n_top = -(-vocab // block)
+    if n_top * block != vocab:
+        probs = torch.nn.functional.pad(probs, (0, n_top * block - vocab))  # zero mass
+    leaves = probs.view(rows, n_top * f, f)  # [R, N*F, F]
+    mid = leaves.sum(dim=-1)  # [R, N*F]
+    top = mid.view(rows, n_top, f).sum(dim=-1)  # [R, N]
+    r = torch.arange(rows, device=probs.device)
+    i1 = _pick(top, u[:, 0])
+    i2 = _pick(mid.view(rows, n_top, f)[r, i1], u[:, 1])
+    j = i1 * f + i2
+    i3 = _pick(leaves[r, j], u[:, 2])
+    return j * f + i3
+
+
 def _sample(
     logits: torch.Tensor, seqs: list[_Seq]
 ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
@@ -1051,29 +1113,28 @@ def _sample(
             if rows.numel() == 0:
                 break
         x[idx] = sub.masked_fill(sub < threshold, -math.inf)
-    logp = torch.log_softmax(x, dim=-1)  # [B, V] processed log-probs
-    chosen = logp.argmax(dim=-1)  # greedy rows
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [B, 1]
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if len(sampled) < len(params):
+        chosen = x.argmax(dim=-1)  # greedy rows
     if sampled:
-        # Exponential race (Gumbel-max): argmax(log p - log E), E ~ Exp(1) drawn per row
-        # from the request's own generator, is an exact sample of p. Unlike inverse-CDF
-        # sampling, it only changes when the two best perturbed scores are within rounding
-        # noise (gap ~ Exp(1)), so tiny logit differences between batch shapes do not
-        # change the tokens. E = -log1p(-u) with u = uniform + 2^-25: uniform_ gives
-        # multiples of 2^-24 in [0, 1), so u is never 0 and E never 0 (an E of 0 would
-        # force its token). u may round up to 1 (E = inf): that token just loses this race.
-        idx = torch.tensor(sampled, device=dev)
-        log_e = torch.empty((len(sampled), vocab), dtype=torch.float32, device=dev)
+        # Each row draws _LEVELS uniforms from its request's own generator (on the CPU,
+        # whatever the device, so a seed means the same tokens everywhere).
+        u = torch.empty((len(sampled), _LEVELS), dtype=torch.float32)
         for row, i in enumerate(sampled):
-            log_e[row].uniform_(generator=seqs[i].generator)
-        log_e.add_(2.0**-25).neg_().log1p_().neg_().log_()  # [S, V] log E
-        chosen[idx] = (logp.index_select(0, idx) - log_e).argmax(dim=-1)
-    chosen_lp = logp.gather(1, chosen[:, None])[:, 0]
+            u[row].uniform_(generator=seqs[i].generator)
+        if len(sampled) == len(params):
+            chosen = _tree_sample((x - lse).exp_(), u.to(dev))  # probs [B, V]
+        else:
+            idx = torch.tensor(sampled, device=dev)
+            probs = (x.index_select(0, idx) - lse.index_select(0, idx)).exp_()  # [S, V]
+            chosen[idx] = _tree_sample(probs, u.to(dev))
+    chosen_lp = x.gather(1, chosen[:, None])[:, 0] - lse[:, 0]
     k = max(p.top_logprobs for p in params)
     tops: list[list[tuple[int, float]]] = [[] for _ in seqs]
     if k:
-        values, ids = logp.topk(k, dim=-1)
-        values_l, ids_l = values.tolist(), ids.tolist()
+        values, ids = x.topk(k, dim=-1)
+        values_l, ids_l = (values - lse).tolist(), ids.tolist()
         for i, p in enumerate(params):
             tops[i] = [
                 (t, v)
