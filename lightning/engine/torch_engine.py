@@ -67,6 +67,7 @@ admission resumes. Every result reports the version that produced all of its tok
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -421,7 +422,12 @@ class TorchEngine:
         if max_num_seqs < 1 or max_prefill_tokens < 1:
             raise EngineError("max_num_seqs and max_prefill_tokens must be >= 1")
         self._model = model.eval()
-        self._tokenizer = tokenizer
+        # The engine encodes on the event loop and decodes on its worker thread. A fast
+        # tokenizer call with other truncation/padding settings reconfigures the shared
+        # Rust tokenizer for the duration of the call, silently cutting another thread's
+        # encoding: the engine works on a private copy, so the caller's tokenizer can be
+        # used (and reconfigured) from any thread meanwhile. The server uses this copy too.
+        self._tokenizer = copy.deepcopy(tokenizer)
         self._max_model_len = max_model_len
         self._max_num_seqs = max_num_seqs
         self._max_prefill_tokens = max_prefill_tokens
@@ -505,6 +511,8 @@ class TorchEngine:
 
     @property
     def tokenizer(self) -> Any:
+        """The engine's own copy of the tokenizer it was given: encode and decode with it
+        freely, but do not call it with truncation or padding (that reconfigures it)."""
         return self._tokenizer
 
     @property
