@@ -232,3 +232,74 @@ def test_autogen_assistant_agent_with_tool(served, runtime):
 
     anyio.run(agent)
     _check(served, runtime, ids)
+
+
+def test_readme_integration_snippets_run_unchanged(served, tmp_path, monkeypatch):
+    """The four snippets of README.md's "Agents that need no changes", executed verbatim
+    in order (configured through LIGHTNING_* variables, as a user would), each capture
+    what the server sampled."""
+    import inspect
+    import re
+
+    agents = pytest.importorskip("agents")
+    pytest.importorskip("langchain_openai")
+    pytest.importorskip("autogen_agentchat")
+    from lightning_test_helpers import ROOT
+
+    d, base, tmp = served
+    section = (ROOT / "README.md").read_text().split("## Agents that need no changes\n")[1]
+    blocks = re.findall(r"```python\n(.*?)```", section.split("\n## ")[0], re.DOTALL)
+    assert len(blocks) == 4
+    for key, value in (("DAEMON", d.address), ("SPILL_DIR", str(tmp_path / "spill")),
+                       ("POLICY_URL", base), ("POLICY_MODEL", "tiny")):
+        monkeypatch.setenv(f"LIGHTNING_{key}", value)
+    agents.set_tracing_disabled(True)  # the SDK would export traces to api.openai.com
+    from agents.models import _openai_shared
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    namespace = {"check": lambda text: True, "add": add, "add_tool": agents.function_tool(add)}
+    _, before, _ = recover(tmp / "data")
+    seen = {t.rollout_id for t in before}
+    try:
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the test
+            agent = namespace.pop("agent")
+            try:
+                if inspect.iscoroutinefunction(agent):
+                    anyio.run(_run_then_close, agent, namespace)
+                else:
+                    agent("What is 2+3?")
+            except agents.exceptions.AgentsException:
+                pass  # the random model may write a tool call the SDK rejects
+        rt = lightning.get_runtime()
+        assert wait_until(lambda: rt.pending_events() == 0, 30)
+        _, after, _ = recover(tmp / "data")
+    finally:
+        lightning.shutdown()
+        _openai_shared.set_default_openai_client(None)  # type: ignore[arg-type]
+    new = [t for t in after if t.rollout_id not in seen]
+    assert len(new) == 4
+    sampled = {(tuple(s["prompt_token_ids"]), tuple(s["token_ids"])) for s in _sampled(d)}
+    for t in new:
+        assert t.transitions
+        for tr in t.transitions:
+            assert tr.trainable
+            assert (tuple(unpack_ids(tr.prompt_ids)), tuple(unpack_ids(tr.response_ids))) in sampled
+    assert [t.transitions[0].metadata["endpoint"] for t in new] == [
+        "chat.completions", "chat.completions", "responses", "chat.completions"]
+
+
+async def _run_then_close(agent, namespace):
+    """Run an async README agent, then close the clients its snippet opened, in the loop
+    they belong to."""
+    from agents.models import _openai_shared
+
+    try:
+        await agent("What is 2+3?")
+    finally:
+        for client in (*namespace.values(), _openai_shared.get_default_openai_client()):
+            if type(client).__name__ in ("AsyncOpenAI", "OpenAIChatCompletionClient"):
+                await client.close()
