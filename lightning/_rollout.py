@@ -544,6 +544,38 @@ def record_transition(
     ctx = _resolve("record_transition", rollout)
     if ctx is None:
         return None
+    return _record_packed(
+        ctx,
+        prompt,
+        response,
+        lp,
+        policy_version=policy_version,
+        model=model,
+        finish_reason=finish_reason,
+        trainable=trainable,
+        latency_s=latency_s,
+        metadata=metadata,
+    )
+
+
+def _record_packed(
+    ctx: RolloutContext,
+    prompt: bytes,
+    response: bytes,
+    logprobs: bytes,
+    *,
+    policy_version: int,
+    model: str,
+    finish_reason: str,
+    trainable: bool,
+    latency_s: float,
+    metadata: Mapping[str, Any] | None,
+) -> int:
+    """Record a transition whose ids and log-probs are already packed and checked.
+
+    :func:`record_transition` after its checks; the capture of LLM calls comes here
+    directly (its records are packed as they are read, once per call).
+    """
     with ctx._lock:
         index = ctx._n_transitions
         ctx._n_transitions = index + 1
@@ -552,7 +584,7 @@ def record_transition(
         index=index,
         prompt_ids=prompt,
         response_ids=response,
-        logprobs=lp,
+        logprobs=logprobs,
         policy_version=policy_version,
         model=model,
         finish_reason=finish_reason,

@@ -97,7 +97,7 @@ import msgspec
 import structlog
 
 from .. import _rollout
-from .._protocol import Transition, pack_ids, pack_logprobs
+from .._protocol import Transition
 from . import _records
 from ._records import ChatStream, CompletionStream, Record, ResponsesStream
 
@@ -114,6 +114,7 @@ _prefixes: tuple[str, ...] = ()
 _originals: dict[type, Any] = {}
 _wrappers: dict[type, Any] = {}
 _stream_types: tuple[type, ...] = ()
+_model_types: tuple[type, ...] = ()
 _logged: set[str] = set()
 _call_spans: Any = None
 _inside: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_capture_inside",
@@ -164,7 +165,7 @@ def install(token_id_base_urls: Sequence[str] = ()) -> bool:
 
     Returns False when the SDK's layout is not the one this module knows.
     """
-    global _prefixes, _stream_types
+    global _prefixes, _stream_types, _model_types
     if isinstance(token_id_base_urls, str):
         token_id_base_urls = (token_id_base_urls,)
     with _lock:
@@ -187,6 +188,7 @@ def install(token_id_base_urls: Sequence[str] = ()) -> bool:
         _stream_types = tuple(
             t for t in (getattr(openai, "Stream", None), getattr(openai, "AsyncStream", None)) if t
         )
+        _model_types = tuple(t for t in (getattr(openai, "BaseModel", None),) if t)
         for base, make in ((sync_cls, _sync_request), (async_cls, _async_request)):
             # The base class, and subclasses that define their own ``request``: an
             # instrumentation applied before us (OpenInference wraps ``OpenAI.request``)
@@ -360,8 +362,8 @@ def _begin(
         if stream:
             # Recorded later, after the app may have changed its own lists: snapshot now.
             request = msgspec.to_builtins(request, enc_hook=repr, str_keys=True)
-        base_url = _public_url(str(client.base_url))
-        if _prefixes and _norm(base_url).startswith(_prefixes):
+        base_url, token_ids = _target(client.base_url)
+        if token_ids:
             options = options.model_copy() if hasattr(options, "model_copy") else copy.copy(options)
             options.json_data = _inject(endpoint, body)
         call = _Call(ctx, endpoint, request, base_url, options, stream, is_async)
@@ -374,6 +376,26 @@ def _begin(
     except Exception as exc:  # noqa: BLE001 - never break the app's call
         _failed("request", exc)
         return None
+
+
+_targets: dict[int, tuple[Any, tuple[str, ...], str, bool]] = {}
+
+
+def _target(url: Any) -> tuple[str, bool]:
+    """(``url`` without credentials, whether its server is asked for token ids).
+
+    Cached per URL object (a client keeps its own; httpx URLs are immutable): turning an
+    httpx URL into a string costs more than the rest of the hook's request side.
+    """
+    hit = _targets.get(id(url))
+    if hit is not None and hit[0] is url and hit[1] is _prefixes:
+        return hit[2], hit[3]
+    public = _public_url(str(url))
+    token_ids = bool(_prefixes) and _norm(public).startswith(_prefixes)
+    if len(_targets) >= 64:
+        _targets.clear()
+    _targets[id(url)] = (url, _prefixes, public, token_ids)  # holds url: its id stays its own
+    return public, token_ids
 
 
 def _inject(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -408,6 +430,9 @@ def _public_url(url: str) -> str:
 def _observe(call: _Call, result: Any) -> None:
     """Record a finished call, or attach a stream observer to its HTTP response."""
     try:
+        if _model_types and isinstance(result, _model_types):
+            _finish_json(call, result)  # the common case: the SDK's parsed response
+            return
         if _stream_types and isinstance(result, _stream_types):
             _watch(call, result.response)
             return
@@ -505,17 +530,17 @@ def _record(
             meta["untrainable_reason"] = rec.reason
             if rec.reason.startswith(_records.NO_TOKEN_IDS):
                 _warn_no_token_ids(call)
-        _rollout.record_transition(
+        _rollout._record_packed(
+            ctx,
             rec.prompt_ids,
             rec.response_ids,
-            rec.logprobs,
+            rec.logprobs or b"",
             policy_version=-1 if version is None else version,
             model=model,
             finish_reason=rec.finish_reason,
             trainable=rec.trainable,
             latency_s=latency,
             metadata=meta,
-            rollout=ctx,
         )
 
 
@@ -540,9 +565,9 @@ def _record_spans(
         sink.call(call.otel_parent, Transition(
             rollout_id="",
             index=0,
-            prompt_ids=pack_ids(rec.prompt_ids),
-            response_ids=pack_ids(rec.response_ids),
-            logprobs=b"" if rec.logprobs is None else pack_logprobs(rec.logprobs),
+            prompt_ids=rec.prompt_ids,
+            response_ids=rec.response_ids,
+            logprobs=rec.logprobs or b"",
             policy_version=-1 if version is None else version,
             model=model,
             finish_reason=rec.finish_reason,
