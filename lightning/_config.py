@@ -45,8 +45,16 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_inflight_frames: int = 16
     """Frames sent but not yet acknowledged, per stream."""
     linger_s: float = 0.005
-    """How long a small batch waits for more events before it is sent (0: send at once).
-    Trades a few milliseconds of delivery latency for far less work per event."""
+    """How long a small batch that ends a rollout waits for more events before it is sent
+    (0: send at once). Trades a few milliseconds of delivery latency for far less work per
+    event."""
+    open_linger_s: float = 1.0
+    """How long a small batch of events of rollouts still running (LLM calls, rewards,
+    spans) waits for more before it is sent. The daemon uses a rollout once it ends, and
+    an event that ends one sends the batch within ``linger_s``; so does a full batch. Each
+    send is the runtime's thread taking the app's GIL: fewer of them while agents run is
+    most of what capture costs per call. A process killed mid-rollout loses up to this
+    much of that rollout's events (it could not finish it anyway). 0: as ``linger_s``."""
     heartbeat_s: float = 1.0
     """Ping interval while idle."""
     peer_timeout_s: float = 5.0
@@ -78,8 +86,9 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                      "max_batch_bytes", "max_inflight_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.linger_s < 0:
-            raise ConfigError(f"linger_s must be >= 0, got {self.linger_s}")
+        for name in ("linger_s", "open_linger_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("heartbeat_s", "peer_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -57,6 +57,7 @@ from ._protocol import (
     Nack,
     Ping,
     Pong,
+    RolloutEnd,
     Welcome,
     decode_message,
     encode_batch,
@@ -142,6 +143,9 @@ class Runtime:
         self._hello_backoff = 0.05
         self._budget = _PUMP_BUDGET
         self._linger_start: float | None = None
+        self._urgent_seq = 0  # the last event that ends a rollout (sent within linger_s)
+        self._lingering_open = False  # the sender sleeps in an open-rollout linger
+        self._due = math.inf  # when the send loop's current wait ends at the latest
         self._warned_down = False
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -212,9 +216,16 @@ class Runtime:
             else:
                 self._queue.append((seq, data))
                 self._queue_bytes += size
-            idle = self._idle
+            wake = self._idle
             self._idle = False
-        if idle:
+            if isinstance(event, RolloutEnd):
+                self._urgent_seq = seq
+                wake = wake or self._lingering_open
+            elif self._lingering_open and self._batch_full(open_rollouts=True):
+                wake = True  # a full batch does not wait
+            if wake:
+                self._lingering_open = False
+        if wake:
             self._notify()
 
     def _take_seq(self) -> int:
@@ -484,6 +495,11 @@ class Runtime:
         cfg = self.config
         while True:
             now = time.monotonic()
+            if now > self._due:
+                # The loop woke late: the app held the thread (blocking code) or the GIL
+                # (a CPU-bound thread). The daemon's answers could not be read meanwhile,
+                # so that time does not count as its silence.
+                self._last_heard += now - self._due
             blocked = False
             linger = 0.0
             if not self._session:
@@ -513,9 +529,10 @@ class Runtime:
             elif blocked:
                 timeout = 0.002
             elif linger > 0:
-                timeout = linger
+                timeout = self._linger_sleep(now, linger)
             elif has_work and self._window_open():
                 timeout = 0 if now >= self._paused_until else self._paused_until - now
+            self._due = time.monotonic() + max(timeout, 0.0)
             if timeout <= 0:
                 await checkpoint()  # Event.wait() would not yield if already set
             else:
@@ -526,26 +543,60 @@ class Runtime:
     def _linger_left(self, now: float) -> float:
         """Seconds to wait before sending a small batch (0: send now).
 
-        A few events trickling in (one LLM call at a time) wait up to ``linger_s`` for
-        company, so the sender wakes once per batch instead of once per event: fewer
-        turns of its loop, less of its time under the app's GIL. A full batch, a spill
-        backlog or shutdown sends at once.
+        A few events trickling in (one LLM call at a time) wait for company, so the
+        sender wakes once per batch instead of once per event: fewer turns of its loop,
+        less of its time under the app's GIL. A batch holding the end of a rollout waits
+        up to ``linger_s``; one of events of running rollouts only, up to
+        ``open_linger_s``. A full batch, a spill backlog or shutdown sends at once.
         """
         cfg = self.config
-        if cfg.linger_s <= 0 or self._closing:
+        if self._closing:
             return 0.0
         with self._lock:
-            n, nbytes, spilled = len(self._queue), self._queue_bytes, self._spill_unread
-        if n == 0 or spilled or n >= cfg.max_batch_events or nbytes >= cfg.max_batch_bytes // 2:
+            n, spilled = len(self._queue), self._spill_unread
+            ends = n > 0 and self._urgent_seq >= self._queue[0][0]
+            full = self._batch_full(open_rollouts=not ends)
+        limit = cfg.linger_s if ends else max(cfg.linger_s, cfg.open_linger_s)
+        if limit <= 0 or n == 0 or spilled or full:
             self._linger_start = None
             return 0.0
         if self._linger_start is None:
             self._linger_start = now
-        left = cfg.linger_s - (now - self._linger_start)
+        left = limit - (now - self._linger_start)
         if left <= 0:
             self._linger_start = None
             return 0.0
         return left
+
+    def _batch_full(self, *, open_rollouts: bool) -> bool:
+        """Whether the queue holds a batch worth sending now (call with the lock held).
+
+        Half a frame when a rollout's end waits in it (the next frame fills while this
+        one travels); a whole frame when it holds events of running rollouts only.
+        """
+        cfg = self.config
+        nbytes = cfg.max_batch_bytes if open_rollouts else cfg.max_batch_bytes // 2
+        return len(self._queue) >= cfg.max_batch_events or self._queue_bytes >= nbytes
+
+    def _linger_sleep(self, now: float, linger: float) -> float:
+        """How long the send loop sleeps in a linger of ``linger`` seconds left.
+
+        In an open-rollout linger, submit() wakes the loop early for a rollout's end or a
+        full batch (``_lingering_open``). One that came between :meth:`_linger_left` and
+        now cuts the sleep here instead.
+        """
+        cfg = self.config
+        with self._lock:
+            q = self._queue
+            ends = bool(q) and self._urgent_seq >= q[0][0]
+            full = self._batch_full(open_rollouts=not ends)
+            self._lingering_open = not (ends or full)
+        if self._lingering_open:
+            return linger
+        if full:
+            return 0.0
+        start = now if self._linger_start is None else self._linger_start
+        return max(0.0, min(linger, cfg.linger_s - (now - start)))
 
     def _window_open(self) -> bool:
         return len(self._stream.inflight) < self.config.max_inflight_frames

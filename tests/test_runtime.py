@@ -10,7 +10,9 @@ from lightning import DaemonConfig
 from lightning._protocol import unpack_ids
 from lightning.testing import Daemon, MemoryHub, recover
 
-FAST = dict(heartbeat_s=0.05, peer_timeout_s=0.3)
+# These tests are about delivery, so events of running rollouts are sent like any other
+# (open_linger_s=0); batching has tests of its own below.
+FAST = dict(heartbeat_s=0.05, peer_timeout_s=0.3, open_linger_s=0)
 
 
 def _runtime_kw(tmp_path, **kw):
@@ -273,15 +275,69 @@ async def test_orphan_log_with_a_gap_is_replayed_in_consecutive_frames(tmp_path)
     assert not d.exists()
 
 
+async def test_events_of_a_running_rollout_wait_until_it_ends(tmp_path):
+    """Mid-rollout events wait up to open_linger_s; the rollout's end sends them at once,
+    and so does a full batch."""
+    hub = MemoryHub()
+    async with anyio.create_task_group() as tg:
+        daemon = await _serve_daemon(tg, tmp_path, hub)
+        kw = _runtime_kw(tmp_path, open_linger_s=30.0, max_batch_events=8)
+        async with lightning.session(transport=hub.connect(), **kw) as rt:
+            release = anyio.Event()
+
+            @lightning.rollout
+            async def agent(n: int) -> float:
+                for s in range(n):
+                    lightning.record_transition([s], [s], [-0.1], policy_version=0)
+                await release.wait()
+                return 1.0
+
+            async with anyio.create_task_group() as agents:
+                agents.start_soon(agent, 3)  # start + 3 transitions: a small batch
+                await anyio.sleep(0.3)
+                assert rt.counters["frames_sent"] == 0  # waiting: the rollout runs
+                agents.start_soon(agent, 12)  # fills a batch of 8: sent while running
+                await _wait(lambda: rt.counters["frames_sent"] >= 1, 5)
+                assert daemon.stats().get("events_accepted", 0) >= 8
+                release.set()
+            with anyio.fail_after(5):  # far less than open_linger_s: the ends sent them
+                while rt.pending_events():
+                    await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    _, trajs, _ = recover(tmp_path / "data")
+    assert sorted(len(t.transitions) for t in trajs) == [3, 12]
+
+
 async def test_linger_groups_trickling_events_into_one_frame(tmp_path):
     hub = MemoryHub()
     async with anyio.create_task_group() as tg:
         await _serve_daemon(tg, tmp_path, hub)
         async with lightning.session(transport=hub.connect(), linger_s=0.2,
-                                     **_runtime_kw(tmp_path)) as rt:
+                                     **_runtime_kw(tmp_path, open_linger_s=0.2)) as rt:
             await agent(0, 3)  # 6 events, recorded within far less than the linger
             await anyio.sleep(0.05)
             assert rt.counters["frames_sent"] == 0  # still waiting for company
             await _wait(lambda: rt.pending_events() == 0, 5)
             assert rt.counters["frames_sent"] == 1
+        tg.cancel_scope.cancel()
+
+
+async def test_a_stalled_app_is_not_a_silent_daemon(tmp_path):
+    """While the app holds the thread (CPU-bound agent code, a blocking call), neither the
+    runtime nor the daemon's answers can run: that time is not the daemon's silence, so
+    the runtime must not reconnect and resend when it gets the thread back."""
+    import time
+
+    hub = MemoryHub()
+    async with anyio.create_task_group() as tg:
+        await _serve_daemon(tg, tmp_path, hub)
+        async with lightning.session(transport=hub.connect(), **_runtime_kw(tmp_path)) as rt:
+            await agent(0, 3)
+            await _wait(lambda: rt.pending_events() == 0)
+            for i in range(1, 4):
+                await agent(i, 3)
+                time.sleep(0.5)  # blocks the loop: > peer_timeout_s (0.3)
+            await _wait(lambda: rt.pending_events() == 0)
+            assert rt.counters["reconnects"] == 0
+            assert rt.counters["frames_resent"] == 0
         tg.cancel_scope.cancel()
