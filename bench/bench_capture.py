@@ -218,8 +218,9 @@ def main() -> None:
 def _server_rows(size: str, s: dict[str, float]) -> list:
     from bench.harness import BenchResult
 
-    note = ("the tiny model's forward is trivial: per-step sampling over the 49k vocabulary "
-            "dominates, so batching gains less" if size.startswith("tiny") else "")
+    note = ("the tiny model's forward is trivial: per-step work outside the model "
+            "(sampling over the 49k vocabulary, HTTP) weighs more" if size.startswith("tiny")
+            else "")
     return [
         BenchResult("server", "sequential", size, "requests_per_s", s["seq_rps"], "1/s"),
         BenchResult("server", "concurrent", size, "requests_per_s", s["conc_rps"], "1/s"),

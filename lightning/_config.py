@@ -40,8 +40,10 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Bytes held in memory before new events spill to disk."""
     max_batch_events: int = 512
     """Most events per frame."""
-    max_batch_bytes: int = 1 << 20
-    """Most bytes per frame (a single larger event still travels alone)."""
+    max_batch_bytes: int = 4 << 20
+    """Most bytes per frame (a single larger event still travels alone). A transition with
+    a long prompt is 10-100 KB; each frame sent while agents run costs the app GIL time
+    (see ``open_linger_s``), so frames are large."""
     max_inflight_frames: int = 16
     """Frames sent but not yet acknowledged, per stream."""
     linger_s: float = 0.005
