@@ -529,7 +529,7 @@ class Runtime:
             elif blocked:
                 timeout = 0.002
             elif linger > 0:
-                timeout = self._linger_sleep(now, linger)
+                timeout = linger
             elif has_work and self._window_open():
                 timeout = 0 if now >= self._paused_until else self._paused_until - now
             self._due = time.monotonic() + max(timeout, 0.0)
@@ -550,22 +550,21 @@ class Runtime:
         ``open_linger_s``. A full batch, a spill backlog or shutdown sends at once.
         """
         cfg = self.config
-        if self._closing:
-            return 0.0
         with self._lock:
             n, spilled = len(self._queue), self._spill_unread
             ends = n > 0 and self._urgent_seq >= self._queue[0][0]
-            full = self._batch_full(open_rollouts=not ends)
-        limit = cfg.linger_s if ends else max(cfg.linger_s, cfg.open_linger_s)
-        if limit <= 0 or n == 0 or spilled or full:
-            self._linger_start = None
-            return 0.0
-        if self._linger_start is None:
-            self._linger_start = now
-        left = limit - (now - self._linger_start)
-        if left <= 0:
-            self._linger_start = None
-            return 0.0
+            limit = cfg.linger_s if ends else max(cfg.linger_s, cfg.open_linger_s)
+            left = 0.0
+            if not (self._closing or limit <= 0 or n == 0 or spilled
+                    or self._batch_full(open_rollouts=not ends)):
+                if self._linger_start is None:
+                    self._linger_start = now
+                left = max(0.0, limit - (now - self._linger_start))
+            if left <= 0:
+                self._linger_start = None
+            # Set with the state it was decided on: from here on, submit() wakes an
+            # open-rollout linger for a rollout's end or a full batch.
+            self._lingering_open = left > 0 and not ends
         return left
 
     def _batch_full(self, *, open_rollouts: bool) -> bool:
@@ -577,26 +576,6 @@ class Runtime:
         cfg = self.config
         nbytes = cfg.max_batch_bytes if open_rollouts else cfg.max_batch_bytes // 2
         return len(self._queue) >= cfg.max_batch_events or self._queue_bytes >= nbytes
-
-    def _linger_sleep(self, now: float, linger: float) -> float:
-        """How long the send loop sleeps in a linger of ``linger`` seconds left.
-
-        In an open-rollout linger, submit() wakes the loop early for a rollout's end or a
-        full batch (``_lingering_open``). One that came between :meth:`_linger_left` and
-        now cuts the sleep here instead.
-        """
-        cfg = self.config
-        with self._lock:
-            q = self._queue
-            ends = bool(q) and self._urgent_seq >= q[0][0]
-            full = self._batch_full(open_rollouts=not ends)
-            self._lingering_open = not (ends or full)
-        if self._lingering_open:
-            return linger
-        if full:
-            return 0.0
-        start = now if self._linger_start is None else self._linger_start
-        return max(0.0, min(linger, cfg.linger_s - (now - start)))
 
     def _window_open(self) -> bool:
         return len(self._stream.inflight) < self.config.max_inflight_frames
