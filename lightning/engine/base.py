@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import random
 import secrets
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import anyio
 import msgspec
+from anyio.abc import TaskGroup
 
 from lightning._errors import LightningError
 
@@ -51,7 +54,9 @@ __all__ = [
     "check_request",
     "check_weight_shapes",
     "collect_stream",
+    "enter_serving",
     "eos_ids",
+    "exit_serving",
     "render_chat",
 ]
 
@@ -261,6 +266,27 @@ class InferenceEngine(Protocol):
     async def aclose(self) -> None:
         """Stop: waiting and running requests fail with ``EngineClosedError``."""
         ...
+
+
+async def enter_serving(engine: Any) -> TaskGroup:
+    """An engine's ``__aenter__``: ``engine.serve`` started in a task group of its own,
+    which the caller keeps for :func:`exit_serving` (closed again if the start fails)."""
+    tg = anyio.create_task_group()
+    await tg.__aenter__()
+    try:
+        await tg.start(engine.serve)
+    except BaseException:
+        await tg.__aexit__(*sys.exc_info())
+        raise
+    return tg
+
+
+async def exit_serving(engine: Any, tg: TaskGroup | None, exc_info: Any) -> bool | None:
+    """An engine's ``__aexit__``: ``engine.aclose()``, then the task group of
+    :func:`enter_serving` ends."""
+    await engine.aclose()
+    assert tg is not None
+    return await tg.__aexit__(*exc_info)
 
 
 async def collect_stream(

@@ -73,7 +73,6 @@ import inspect
 import math
 import os
 import random
-import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -97,7 +96,9 @@ from lightning.engine.base import (
     check_request,
     check_weight_shapes,
     collect_stream,
+    enter_serving,
     eos_ids,
+    exit_serving,
     render_chat,
 )
 
@@ -553,21 +554,12 @@ class TorchEngine:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> TorchEngine:  # noqa: PYI034 - Python 3.10 has no Self
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        try:
-            await tg.start(self.serve)
-        except BaseException:
-            await tg.__aexit__(*sys.exc_info())
-            raise
-        self._tg = tg
+        self._tg = await enter_serving(self)
         return self
 
     async def __aexit__(self, *exc_info: object) -> bool | None:
-        await self.aclose()
         tg, self._tg = self._tg, None
-        assert tg is not None
-        return await tg.__aexit__(*exc_info)
+        return await exit_serving(self, tg, exc_info)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the scheduler until :meth:`aclose` (or cancellation)."""
