@@ -13,21 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${LIGHTNING_VERL_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lightning/venv-verl}"
-start=$(date +%s)
-if [ "${LIGHTNING_VERL_FRESH:-0}" = "1" ]; then
-    rm -rf "$VENV"
-fi
-if [ ! -x "$VENV/bin/python" ]; then
-    python -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
-# quiet pip, less the "Location 'file:...' is ignored" lines of a machine's local indexes
-pip_q() {
-    "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
-        | { grep -v "^WARNING: Location 'file:" || true; }
-    return "${PIPESTATUS[0]}"
-}
+source .ci/stage_lib.sh
+stage_venv verl venv-verl
 
 pip_q torch==2.13.0
 pip_q "verl==0.9.1"
@@ -57,10 +44,4 @@ if [ "$rc" -eq 0 ]; then
     rc=$?
 fi
 set -e
-end=$(date +%s)
-echo "verl stage: install $((installed - start)) s, tests $((end - installed)) s, total $((end - start)) s"
-if [ "$rc" -eq 5 ]; then
-    echo "verl stage: pytest collected no tests: treating as failure" >&2
-    exit 1
-fi
-exit "$rc"
+stage_end verl "$installed" "$rc"

