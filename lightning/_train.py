@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -42,8 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         "task with SmolLM2-135M-Instruct on CPU.",
     )
     p.add_argument("--agent", default=_DEFAULT_AGENT, metavar="MODULE:FUNCTION",
-                   help=f"the agent (default {_DEFAULT_AGENT}); its module's dataset() gives "
-                   "the data when --dataset is not set")
+                   help=f"the agent, a @lightning.rollout function (default {_DEFAULT_AGENT}). "
+                   "Without --dataset, its module's dataset() gives the data: dataset() or "
+                   "dataset(seed=N) (it gets --seed when it takes a seed) must return a pair "
+                   "(train_tasks, eval_tasks) of sequences, train non-empty; each task is "
+                   "passed to the agent as is")
     p.add_argument("--dataset", default=None, metavar="JSONL",
                    help="training tasks, one JSON object per line (passed to the agent)")
     p.add_argument("--eval-dataset", default=None, metavar="JSONL", help="held-out tasks")
@@ -79,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f = p.add_argument_group("stopping a failing agent (a rollout fails when the agent raises)")
+    f.add_argument("--fail-first", type=int, default=8, metavar="N",
+                   help="stop when each of the first N rollouts failed (default 8; 0: never)")
+    f.add_argument("--fail-window", type=int, default=64, metavar="N",
+                   help="the number of recent rollouts --fail-max-rate is taken over "
+                   "(default 64; 0: never)")
+    f.add_argument("--fail-max-rate", type=float, default=0.95, metavar="RATE",
+                   help="stop when more than this share of the last --fail-window rollouts "
+                   "failed (default 0.95)")
     return p
 
 
@@ -124,14 +137,49 @@ def _datasets(args: argparse.Namespace, module: Any) -> tuple[list[Any], list[An
         train = _read_jsonl(args.dataset)
         test = _read_jsonl(args.eval_dataset) if args.eval_dataset else []
         return train, test
-    if not hasattr(module, "dataset"):
-        raise ConfigError(
-            f"--agent {args.agent!r}: pass --dataset (its module has no dataset() function)"
-        )
-    train, test = module.dataset(seed=args.seed)
+    train, test = _module_dataset(args, module)
     if args.eval_dataset:
         test = _read_jsonl(args.eval_dataset)
-    return list(train), list(test)
+    return train, test
+
+
+def _module_dataset(args: argparse.Namespace, module: Any) -> tuple[list[Any], list[Any]]:
+    """Call the agent module's ``dataset()`` and check what it returns (see ``--agent``)."""
+    where = f"--agent {args.agent!r}: {module.__name__}.dataset"
+    fn = getattr(module, "dataset", None)
+    if not callable(fn):
+        raise ConfigError(f"--agent {args.agent!r}: pass --dataset JSONL (the module "
+                          f"{module.__name__!r} has no dataset() function)")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: call it bare
+        params = {}
+    takes_seed = "seed" in params or any(
+        q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())
+    required = [n for n, q in params.items() if n != "seed" and q.default is q.empty
+                and q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
+    if required:
+        raise ConfigError(f"{where}() must be callable as dataset() or dataset(seed=N); it "
+                          f"requires {', '.join(required)}")
+    result = fn(seed=args.seed) if takes_seed else fn()
+    if (not isinstance(result, (tuple, list)) or len(result) != 2
+            or not all(_is_task_sequence(part) for part in result)):
+        raise ConfigError(f"{where}() must return a pair (train_tasks, eval_tasks) of "
+                          f"sequences (lists); it returned {_describe(result)}")
+    train, test = list(result[0]), list(result[1])
+    if not train:
+        raise ConfigError(f"{where}() returned no training tasks")
+    return train, test
+
+
+def _is_task_sequence(x: Any) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes))
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)}: ({', '.join(type(v).__name__ for v in x[:4])})"
+    return f"a {type(x).__name__}"
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -140,6 +188,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         for name in ("steps", "group_size", "batch_size", "concurrency"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        from .training.failures import FailurePolicy
+
+        try:
+            args.failure_policy = FailurePolicy(first_n=args.fail_first, window=args.fail_window,
+                                                max_rate=args.fail_max_rate)
+        except ValueError as exc:
+            raise ConfigError(f"--fail-first/--fail-window/--fail-max-rate: {exc}") from exc
         module, agent = _load_agent(args.agent)
         train, test = _datasets(args, module)
     except ConfigError as exc:
@@ -153,22 +208,36 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     configure_logging("info", stream=log_file)
     import anyio
 
+    from .training.failures import AgentFailingError
+
     try:
         summary = anyio.run(_train, args, agent, train, test[: args.eval_tasks], backend="asyncio")
-    except ConfigError as exc:
-        print(f"lightning train: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, AgentFailingError) as exc:
+        return _fail(exc)
     except BaseExceptionGroup as group:  # raised inside the task group
-        config_errors, rest = group.split(ConfigError)
-        if rest is not None or config_errors is None:
+        expected, rest = group.split((ConfigError, AgentFailingError))
+        if rest is not None or expected is None:
             raise
-        for exc in _leaves(config_errors):
-            print(f"lightning train: error: {exc}", file=sys.stderr)
-        return 2
+        return max(_fail(exc) for exc in _leaves(expected))
     finally:
+        from ._logging import repeat_filter
+
+        if (rf := repeat_filter()) is not None:
+            rf.flush()  # the counts of repeated warnings, into log.jsonl before it closes
         log_file.close()
     _print_summary(summary, out)
     return 0
+
+
+def _fail(exc: BaseException) -> int:
+    """Print a run-stopping error; exit 2 for configuration, 3 for a failing agent."""
+    from .training.failures import AgentFailingError
+
+    if isinstance(exc, AgentFailingError):
+        print(f"lightning train: error: {exc.report()}", file=sys.stderr)
+        return 3
+    print(f"lightning train: error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _leaves(group: BaseException) -> list[BaseException]:
@@ -312,7 +381,9 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
         async with anyio.create_task_group() as tg:
             address = await tg.start(daemon.serve)
             await tg.start(engine.serve)
-            server = PolicyServer(engine, model_name=path.name, port=0, capture=daemon.capture)
+            # one policy: agents that name another model (an SDK default, "gpt-4o") get it too
+            server = PolicyServer(engine, model_name=path.name, port=0, capture=daemon.capture,
+                                  accept_any_model=True)
             base_url = await tg.start(server.serve)
             backend = await load_backend(args.backend, path, backend_config)
             try:
@@ -343,7 +414,8 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
                     from .training.runner import evaluate
 
                     before = await evaluate(agent, test, samples_per_task=args.eval_samples,
-                                            concurrency=args.concurrency)
+                                            concurrency=args.concurrency,
+                                            failure_policy=args.failure_policy)
                     write({"kind": "eval", "when": "before", "policy_version": engine.policy_version,
                            "accuracy": before.mean, "stderr": before.stderr,
                            "samples": before.samples})
@@ -355,14 +427,16 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
                                             concurrency=args.concurrency, stop=trainer.done,
                                             seed=args.seed,
                                             consumed=lambda: trainer.consumed_trajectories,
-                                            max_ahead=args.batch_size * (2 if args.overlap else 1))
+                                            max_ahead=args.batch_size * (2 if args.overlap else 1),
+                                            failure_policy=args.failure_policy)
                 train_s = time.perf_counter() - t_train
                 progress.close()
                 after = None
                 if test:
                     progress.note("evaluating the trained policy")
                     after = await evaluate(agent, test, samples_per_task=args.eval_samples,
-                                           concurrency=args.concurrency)
+                                           concurrency=args.concurrency,
+                                           failure_policy=args.failure_policy)
                     write({"kind": "eval", "when": "after", "policy_version": engine.policy_version,
                            "accuracy": after.mean, "stderr": after.stderr,
                            "samples": after.samples})

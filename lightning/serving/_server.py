@@ -137,6 +137,7 @@ class PolicyServer:
         # "default" is what lightning.llm() asks for when no model name is configured.
         self.aliases = frozenset((model_name, "default", *aliases))
         self.accept_any_model = accept_any_model
+        self._other_names: set[str] = set()  # names served by accept_any_model, said once each
         self.capture = capture
         self.max_top_logprobs = max_top_logprobs
         if traces is None and otlp:
@@ -244,11 +245,19 @@ class PolicyServer:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise RequestError("model is required", param="model")
-        if model not in self.aliases and not self.accept_any_model:
+        if model in self.aliases:
+            return
+        if not self.accept_any_model:
             raise RequestError(
-                f"model {model!r} does not exist: this server serves {self.model_name!r}",
+                f"model {model!r} does not exist: this server serves {self.model_name!r}; "
+                f"send model={self.model_name!r} (lightning.llm().model), or start the daemon "
+                f"with --model-alias {model} (repeatable) or --accept-any-model",
                 param="model", code="model_not_found", status=404,
             )
+        if model not in self._other_names and len(self._other_names) < 256:
+            self._other_names.add(model)
+            logger.info("server.model_name_accepted", requested=model, serving=self.model_name,
+                        reason="accept_any_model: every model name gets the policy")
 
     def _rollout_of(self, request: Request) -> str | None:
         rid = request.path_params.get("rollout_id") or request.headers.get(ROLLOUT_HEADER)

@@ -63,6 +63,9 @@ from lightning.training.batch import TrainBatch, pack_sequences
 
 logger = structlog.get_logger()
 
+FAILURE_WARN_S = 60.0
+"""How often the batcher checks for (and warns about) training traffic that only fails."""
+
 __all__ = ["Batch", "Batcher", "BatcherConfig", "ConsumedSet"]
 
 ESTIMATORS: tuple[str, ...] = ("grpo", "grpo_no_std", "rloo", "reinforce_pp")
@@ -212,6 +215,9 @@ class Batcher:
         self.counters: Counter[str] = Counter()
         self._seq_counters: Counter[str] = Counter()
         self._outcomes: list[float] = []  # every closed training rollout since the last batch
+        # training rollouts since the last health check: [completed, failed], first error
+        self._health: list[Any] = [0, 0, None]
+        self._health_since = clock()
 
     # ------------------------------------------------------------------ intake
 
@@ -232,6 +238,7 @@ class Batcher:
             c["set_aside.eval"] += 1
             self._set_aside.append(traj.index)
             return
+        self._watch_failures(traj)
         extra = list(self.air(traj)) if self.air is not None and traj.transitions else []
         returns = assign_credit(
             traj,
@@ -275,6 +282,30 @@ class Batcher:
         if len(group.members) >= cfg.group_size:
             del self._open[traj.group_key]
             self._close(group, timed_out=False)
+
+    def _watch_failures(self, traj: Any) -> None:
+        """Every ``FAILURE_WARN_S``: warn, with counts, when every training rollout failed.
+
+        Online traffic has no runner to stop it; a daemon whose agents fail on every path
+        says so periodically instead of training on nothing in silence.
+        """
+        h = self._health
+        if traj.status == "completed":
+            h[0] += 1
+        else:
+            h[1] += 1
+            h[2] = h[2] or traj.error or traj.status
+        now = self._clock()
+        if now - self._health_since < FAILURE_WARN_S:
+            return
+        if h[0] == 0 and h[1]:
+            self.counters["only_failures_warnings"] += 1
+            logger.warning("batcher.only_failures", failed=h[1], completed=0,
+                           over_s=round(now - self._health_since, 1), first_error=h[2],
+                           hint="every training rollout failed in this interval: check the "
+                           "agents' logs (their exceptions are the rollouts' errors)")
+        self._health = [0, 0, None]
+        self._health_since = now
 
     def expire(self, now: float | None = None) -> None:
         """Close groups that have waited ``group_timeout_s`` (oldest first)."""

@@ -8,24 +8,37 @@ after task (reshuffled each epoch), until ``stop`` is set. :func:`evaluate` runs
 tasks marked ``split="eval"``, which the batcher never trains on, and returns the rewards.
 
 A rollout that raises is a failed rollout (the daemon's batcher applies its failure
-policy); the runner logs it and goes on. Sync agents run in worker threads, with the
-caller's context (and so the rollout options) copied in.
+policy); the runner logs it (repeats aggregate in the entry points' logging) and goes on,
+unless failures are systematic: a :class:`~lightning.training.failures.FailureMonitor`
+raises :class:`~lightning.training.failures.AgentFailingError` (the first exception with
+its traceback, the counts, a hint) when the first rollouts all fail or the recent failure
+rate passes its limit, and :func:`evaluate` raises it when every evaluation rollout failed.
+Sync agents run in worker threads, with the caller's context (and so the rollout options)
+copied in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
 import structlog
 
+from .failures import AgentFailingError, FailureMonitor, FailurePolicy
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # anyio's dependency on Python 3.10
+
 logger = structlog.get_logger()
 
-__all__ = ["EvalResult", "evaluate", "run_training_rollouts", "task_id"]
+__all__ = ["AgentFailingError", "EvalResult", "FailurePolicy", "evaluate", "run_training_rollouts",
+           "task_id"]
 
 
 def task_id(task: Any, position: int) -> str:
@@ -42,6 +55,23 @@ async def _call(agent: Callable[..., Any], task: Any) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+_NEVER = FailurePolicy(first_n=0, window=0)
+
+
+@contextlib.contextmanager
+def _raise_agent_failing() -> Iterator[None]:
+    """Out of a task group, an :class:`AgentFailingError` rises alone (not in a group)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        failing, _ = group.split(AgentFailingError)
+        if failing is None:
+            raise
+        while isinstance(failing, BaseExceptionGroup):
+            failing = failing.exceptions[0]
+        raise failing from None
 
 
 def _as_reward(value: Any) -> float | None:
@@ -63,6 +93,7 @@ async def run_training_rollouts(
     on_result: Callable[[str, float | None], None] | None = None,
     consumed: Callable[[], int] | None = None,
     max_ahead: int | None = None,
+    failure_policy: FailurePolicy | None = FailurePolicy(),
 ) -> int:
     """Run groups of rollouts until ``stop`` is set; returns how many rollouts finished.
 
@@ -74,6 +105,8 @@ async def run_training_rollouts(
 
     Raises:
         ValueError: no tasks, or ``group_size``/``concurrency`` below 1.
+        AgentFailingError: rollouts fail systematically (``failure_policy``; None never
+            stops).
     """
     import lightning
 
@@ -84,6 +117,7 @@ async def run_training_rollouts(
     rng = random.Random(seed)
     slots = anyio.Semaphore(concurrency)
     finished = started = 0
+    monitor = FailureMonitor(failure_policy or _NEVER, phase="training")
 
     async def one(key: str, attempt: int, task: Any) -> None:
         nonlocal finished
@@ -92,35 +126,40 @@ async def run_training_rollouts(
                                            metadata={"split": "train"}):
                 value = await _call(agent, task)
         except Exception as exc:  # noqa: BLE001 - the daemon records the failure; go on
+            finished += 1
             logger.warning("runner.rollout_failed", group_key=key, error=repr(exc))
+            monitor.failure(exc)  # raises AgentFailingError when failures are systematic
             value = None
+        else:
+            finished += 1
+            monitor.ok()
         finally:
             slots.release()
-        finished += 1
         if on_result is not None:
             on_result(key, _as_reward(value))
 
-    async with anyio.create_task_group() as tg:
+    with _raise_agent_failing():
+        async with anyio.create_task_group() as tg:
 
-        async def watch_stop() -> None:
-            await stop.wait()
-            tg.cancel_scope.cancel()
+            async def watch_stop() -> None:
+                await stop.wait()
+                tg.cancel_scope.cancel()
 
-        tg.start_soon(watch_stop)
-        epoch = 0
-        while True:
-            order = list(range(len(tasks)))
-            rng.shuffle(order)
-            for pos in order:
-                key = f"{epoch}:{task_id(tasks[pos], pos)}"
-                if consumed is not None and max_ahead is not None:
-                    while started - consumed() + group_size > max(max_ahead, group_size):
-                        await anyio.sleep(0.05)
-                started += group_size
-                for attempt in range(group_size):
-                    await slots.acquire()
-                    tg.start_soon(one, key, attempt, tasks[pos])
-            epoch += 1
+            tg.start_soon(watch_stop)
+            epoch = 0
+            while True:
+                order = list(range(len(tasks)))
+                rng.shuffle(order)
+                for pos in order:
+                    key = f"{epoch}:{task_id(tasks[pos], pos)}"
+                    if consumed is not None and max_ahead is not None:
+                        while started - consumed() + group_size > max(max_ahead, group_size):
+                            await anyio.sleep(0.05)
+                    started += group_size
+                    for attempt in range(group_size):
+                        await slots.acquire()
+                        tg.start_soon(one, key, attempt, tasks[pos])
+                epoch += 1
     return finished
 
 
@@ -161,15 +200,21 @@ async def evaluate(
     samples_per_task: int = 1,
     concurrency: int = 16,
     on_done: Callable[[], None] | None = None,
+    failure_policy: FailurePolicy | None = FailurePolicy(),
 ) -> EvalResult:
     """Run every task ``samples_per_task`` times as evaluation rollouts (never trained on).
 
     A rollout that fails or returns no number scores 0.
+
+    Raises:
+        AgentFailingError: every evaluation rollout failed, or the ``failure_policy`` rule
+            tripped on the way (None: only the every-rollout-failed check).
     """
     import lightning
 
     rewards = [[0.0] * samples_per_task for _ in tasks]
     slots = anyio.Semaphore(concurrency)
+    monitor = FailureMonitor(failure_policy or _NEVER, phase="evaluation")
 
     async def one(i: int, j: int) -> None:
         async with slots:
@@ -179,13 +224,18 @@ async def evaluate(
                     value = await _call(agent, tasks[i])
             except Exception as exc:  # noqa: BLE001 - a failed eval rollout scores 0
                 logger.warning("runner.eval_failed", task=i, error=repr(exc))
+                monitor.failure(exc)  # raises AgentFailingError when failures are systematic
                 value = None
+            else:
+                monitor.ok()
         rewards[i][j] = _as_reward(value) or 0.0
         if on_done is not None:
             on_done()
 
-    async with anyio.create_task_group() as tg:
-        for i in range(len(tasks)):
-            for j in range(samples_per_task):
-                tg.start_soon(one, i, j)
+    with _raise_agent_failing():
+        async with anyio.create_task_group() as tg:
+            for i in range(len(tasks)):
+                for j in range(samples_per_task):
+                    tg.start_soon(one, i, j)
+    monitor.all_failed()
     return EvalResult(rewards)
