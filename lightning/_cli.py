@@ -24,7 +24,8 @@ def _serve_parser() -> argparse.ArgumentParser:
         prog="lightning-daemon",
         description="Receive rollouts from lightning runtimes, store them durably and "
         "train the policy on them. Subcommands: `lightning-daemon keygen DIR` creates "
-        "CURVE keys for non-loopback binds.",
+        "CURVE keys for non-loopback binds; `lightning-daemon inspect DATA_DIR` lists what "
+        "was stored (rollouts, transitions, rewards, merges, used by training or not).",
     )
     p.add_argument("--bind", default=d.bind, help=f"ZeroMQ address to listen on (default {d.bind}); "
                    "tcp://HOST:0 picks a free port; non-loopback needs CURVE keys")
@@ -131,6 +132,10 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["keygen"]:
         return _keygen(argv[1:])
+    if argv[:1] == ["inspect"]:
+        from ._inspect import inspect_main
+
+        return inspect_main(argv[1:])
     # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says it too
     argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     args = _serve_parser().parse_args(argv)
