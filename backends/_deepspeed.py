@@ -487,6 +487,7 @@ class DeepSpeedBackend:
             with map_deepspeed_exceptions(f"worker command {cmd!r}"):
                 if cmd == "close":
                     self._closed = True
+                    self._leave_group()
                     return
                 if cmd == "train_step":
                     self._train(arg)
@@ -508,6 +509,21 @@ class DeepSpeedBackend:
         with self._lock:
             self._post("close")
             self._closed = True
+            self._leave_group()
+
+    def _leave_group(self) -> None:
+        """Every rank, at close: meet, then tear the process group down together.
+
+        A rank that exits with the group alive (gloo's threads running, rank 0's TCP store
+        still serving the others) can abort at interpreter exit ("terminate called without an
+        active exception"), and did on a loaded box. One process (world size 1) keeps its
+        group: other backends in the process may share it.
+        """
+        if self._world == 1 or not dist.is_initialized():
+            return
+        with map_deepspeed_exceptions("leaving the process group"):
+            dist.barrier()
+            dist.destroy_process_group()
 
     # ------------------------------------------------------------------ log-probs
 

@@ -16,10 +16,12 @@ import torch; :func:`load` does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
@@ -85,7 +87,7 @@ def _jit() -> ExtInfo:
     build_dir = _build.cache_root() / digest
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = _build.cpu_sources() + (_build.cuda_sources() if cuda else [])
-    with warnings.catch_warnings(record=True) as caught:
+    with _build_lock(build_dir), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cpp_extension.load(
             name=f"lightning_rl_ext_{digest}",
@@ -101,6 +103,35 @@ def _jit() -> ExtInfo:
     for w in caught:
         logger.debug("ext.build_warning", message=str(w.message))
     return ExtInfo(source="jit", path=str(build_dir), cuda=cuda)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the build directory for a JIT build.
+
+    ``cpp_extension.load`` serialises builders with a lock *file* it deletes when done: a
+    builder killed mid-build (a test timeout, kill -9, an OOM) leaves it behind, and every
+    later process waits on it forever. The kernel releases a ``flock`` when its holder dies,
+    so whoever holds ours is the only live builder in this directory, and a torch lock file
+    it finds is stale: it is removed (and said once). Without ``fcntl`` (Windows), torch's
+    own lock is all there is.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(build_dir / ".lightning-build.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                stale.unlink(missing_ok=True)
+                logger.warning("ext.stale_build_lock_removed", path=str(stale),
+                               reason="a JIT build was killed mid-way; building again")
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _load() -> ExtInfo:

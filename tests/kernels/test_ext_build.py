@@ -76,3 +76,34 @@ def test_cuda_torch_glue_compiles(tmp_path):
         capture_output=True, text=True, timeout=180, check=False,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_a_killed_builders_lock_file_does_not_hang_the_next_build(tmp_path, monkeypatch):
+    """torch's cpp_extension waits forever on a lock file a killed builder left behind;
+    under our flock the file is known stale and removed before building."""
+    import threading
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    import lightning._ext as ext
+
+    monkeypatch.setenv("LIGHTNING_EXT_CACHE", str(tmp_path))
+    calls = []
+    active = threading.Semaphore(1)
+
+    def fake_load(*, build_directory, **_):
+        assert active.acquire(blocking=False), "two builds ran at once in one directory"
+        try:
+            assert not (Path(build_directory) / "lock").exists(), "the stale lock was not removed"
+            calls.append(build_directory)
+            (Path(build_directory) / "lock").write_text("")  # this build is killed too
+        finally:
+            active.release()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    threads = [threading.Thread(target=ext._jit) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(calls) == 3 and len(set(calls)) == 1

@@ -72,7 +72,7 @@ def ingest_groups(daemon, first, count, version=0):
         ingest(daemon, n, reward=float(n % 2), group=f"g{n // 2}", version=version)
 
 
-async def wait_for(pred, timeout=10.0):
+async def wait_for(pred, timeout=60.0):  # generous: a loaded box is slow, never wrong
     with anyio.fail_after(timeout):
         while not pred():
             await anyio.sleep(0.01)
@@ -126,7 +126,9 @@ async def test_crash_after_checkpoint_trains_every_trajectory_exactly_once(tmp_p
     async with anyio.create_task_group() as tg:
         tg.start_soon(trainer.run)
         ingest_groups(daemon, 12, 4, version=3)  # sampled by the resumed policy
-        await wait_for(lambda: trainer.step == 4)
+        # the step-4 checkpoint is written after the step counts: wait for it, not the step
+        await wait_for(lambda: (c := latest_checkpoint(ckpt)) is not None
+                       and c.name == "step-000004")
         tg.cancel_scope.cancel()
     daemon._wal.close()
     assert backend.trained == [{8, 9, 10, 11}, {12, 13, 14, 15}]
