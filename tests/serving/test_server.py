@@ -247,3 +247,25 @@ async def test_real_openai_client_over_a_socket(stack):
             await client.chat.completions.create(model="gpt-5", messages=MSGS)
         await client.close()
         tg.cancel_scope.cancel()
+
+
+async def test_unknown_model_names_the_flags_and_accept_any_model_says_each_name_once(stack):
+    from structlog.testing import capture_logs
+
+    server, _, client = stack
+    r = await client.post("/v1/chat/completions",
+                          json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 2})
+    assert r.status_code == 404
+    msg = r.json()["error"]["message"]
+    assert "--model-alias gpt-4o" in msg and "--accept-any-model" in msg and "'tiny'" in msg
+    server.accept_any_model = True  # what lightning train serves with
+    try:
+        with capture_logs() as logs:
+            for name in ("gpt-4o", "gpt-4o", "claude", "tiny"):
+                r = await client.post("/v1/chat/completions",
+                                      json={"model": name, "messages": MSGS, "max_tokens": 2})
+                assert r.status_code == 200, r.text
+        said = [x["requested"] for x in logs if x["event"] == "server.model_name_accepted"]
+        assert said == ["gpt-4o", "claude"]
+    finally:
+        server.accept_any_model = False
