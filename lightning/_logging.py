@@ -47,9 +47,10 @@ def level_number(level: str) -> int:
 class RepeatFilter:
     """A structlog processor: repeats of a warning within ``interval_s`` are counted, not written.
 
-    Two log lines are repeats when their event and their ``error``/``reason``/``code``/``kind``
-    fields are equal (other fields, such as a rollout id, may differ). Info and debug lines
-    always pass. Thread-safe. ``clock`` is injectable for tests.
+    Two log lines are repeats when their event and their ``error``/``reason``/``kind`` fields
+    are equal, or, for lines with a stable ``code`` (a rejection's), their event, code and
+    kind (other fields, such as a rollout id or a reason naming one, may differ). Info and
+    debug lines always pass. Thread-safe. ``clock`` is injectable for tests.
     """
 
     def __init__(self, interval_s: float = 10.0, *, clock: Callable[[], float] = time.monotonic,
@@ -64,6 +65,9 @@ class RepeatFilter:
         self._seen: dict[tuple, list[Any]] = {}
 
     def _key(self, event_dict: dict[str, Any]) -> tuple:
+        if "code" in event_dict:  # a stable reason code: its free-text reason names ids
+            return (event_dict.get("event"), "code", str(event_dict["code"]),
+                    str(event_dict.get("kind", "")))
         return (event_dict.get("event"),) + tuple(
             str(event_dict.get(f, ""))[:300] for f in _KEY_FIELDS)
 

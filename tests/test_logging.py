@@ -72,6 +72,16 @@ def test_one_line_per_interval_with_the_count():
     assert f.held() == 0
 
 
+def test_a_code_groups_lines_whose_reasons_name_ids():
+    f = RepeatFilter(10.0, clock=Clock())
+    assert _run(f, "warning", event="daemon.event_rejected", code="unknown_rollout",
+                reason="unknown rollout 'a'") is not None
+    assert _run(f, "warning", event="daemon.event_rejected", code="unknown_rollout",
+                reason="unknown rollout 'b'") is None
+    assert _run(f, "warning", event="daemon.event_rejected", code="invalid",
+                reason="unknown rollout 'b'") is not None
+
+
 def test_bounded_keys():
     clock = Clock()
     f = RepeatFilter(10.0, clock=clock, max_keys=16)
