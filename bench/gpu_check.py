@@ -273,12 +273,12 @@ class Check:
         t = time_cpu(fn, repeat=self.plan.cpu_repeat, warmup=1)
         return t["median"], t["min"]
 
-    def peak(self, fn: Callable[[], object]) -> int:
-        """Bytes ``fn()`` allocates at its peak above what was allocated before (CUDA
-        allocator on CUDA, resident memory on CPU)."""
+    def peak(self, fn: Callable[[], object]) -> tuple[int, object]:
+        """(bytes ``fn()`` allocates at its peak above what was allocated before, its result):
+        CUDA allocator on CUDA, resident memory on CPU."""
         from bench.harness import peak_cuda_delta, peak_rss_delta
 
-        return (peak_cuda_delta if self.plan.device == "cuda" else peak_rss_delta)(fn)[0]
+        return (peak_cuda_delta if self.plan.device == "cuda" else peak_rss_delta)(fn)
 
     def ceilings(self) -> tuple[float, float]:
         """(copy bandwidth in bytes/s, matmul rate in FLOP/s), measured once per run."""
@@ -440,19 +440,20 @@ def step_ext(check: Check) -> None:
 # --------------------------------------------------------------------------- parity
 
 
-def _compare(check: Check, op: str, case: str, what: str, got: Any, exp: Any, atol: float, rtol: float) -> None:
-    """Row with ``got``'s largest absolute error against ``exp``; fail if any element is off
-    by more than ``atol + rtol * |exp|`` (NaN counts as off)."""
-    import torch
-
-    if not check.expect(got is not None and tuple(got.shape) == tuple(exp.shape), f"{op} {case} {what}: shape {None if got is None else tuple(got.shape)} != {tuple(exp.shape)}"):
+def _compare(check: Check, where: tuple[str, str, str, str], got: Any, exp: Any, atol: float, rtol: float) -> None:
+    """Row ``where`` = (bench, provider, size, metric) with ``got``'s largest absolute error
+    against ``exp``; a failure if any element is off by more than ``atol + rtol * |exp|``
+    (NaN counts as off)."""
+    label = " ".join(where)
+    shape = None if got is None else tuple(got.shape)
+    if not check.expect(shape == tuple(exp.shape), f"{label}: shape {shape} != {tuple(exp.shape)}"):
         return
     got, exp = got.detach().float().cpu(), exp.detach().float().cpu()
     err = (got - exp).abs()  # [...]
-    ok = bool((err <= atol + rtol * exp.abs()).all()) and bool(torch.isfinite(got).all() == torch.isfinite(exp).all())
+    ok = bool((err <= atol + rtol * exp.abs()).all())
     worst = float(err.nan_to_num(math.inf).max()) if err.numel() else 0.0
-    check.row("parity", op, case, f"{what}_max_abs_err", worst, "abs", f"{'ok' if ok else 'FAIL'} (atol {atol:g}, rtol {rtol:g})")
-    check.expect(ok, f"{op} {case} {what}: max abs err {worst:.3g} over atol {atol:g} + rtol {rtol:g} x |ref|")
+    check.row(*where, worst, "abs", f"{'ok' if ok else 'FAIL'} (atol {atol:g}, rtol {rtol:g})")
+    check.expect(ok, f"{label}: max abs err {worst:.3g} over atol {atol:g} + rtol {rtol:g} x |ref|")
 
 
 def _dtypes(check: Check) -> tuple[str, str]:
@@ -476,13 +477,13 @@ def _parity_gae(check: Check) -> None:
     for dtype in _dtypes(check):
         (atol, rtol), _ = TOLERANCES[("scan", dtype)]
         r, v = r32.to(getattr(torch, dtype)), v32.to(getattr(torch, dtype))  # [T]
-        for impl in ("triton", plan.ext_impl):
-            for label, values, m in (("gae", v, mask), ("returns", None, mask), ("unmasked", v, None)):
+        for label, values, m in (("gae", v, mask), ("returns", None, mask), ("unmasked", v, None)):
+            exp = reference.gae(r.float(), None if values is None else values.float(), m, cu, gamma=0.97, lam=0.9)
+            for impl in ("triton", plan.ext_impl):
                 case = f"{impl}/{dtype}/{label}/T={T}"
-                exp = reference.gae(r.float(), None if values is None else values.float(), m, cu, gamma=0.97, lam=0.9)
                 got = kernels.gae(r, values, m, cu, gamma=0.97, lam=0.9, impl=impl)
-                _compare(check, "gae", case, "advantages", got[0], exp[0], atol, rtol)
-                _compare(check, "gae", case, "returns", got[1], exp[1], atol, rtol)
+                _compare(check, ("parity", "gae", case, "advantages_max_abs_err"), got[0], exp[0], atol, rtol)
+                _compare(check, ("parity", "gae", case, "returns_max_abs_err"), got[1], exp[1], atol, rtol)
 
 
 def _parity_group_stats(check: Check) -> None:
@@ -504,14 +505,14 @@ def _parity_group_stats(check: Check) -> None:
         case = f"triton/{dtype}/N={n}"
         got = kernels.group_stats(s, ids, impl="triton")
         exp = reference.group_stats(s.float(), ids)
-        _compare(check, "group_stats", case, "mean", got.mean, exp.mean, atol, rtol)
-        _compare(check, "group_stats", case, "std", got.std, exp.std, atol, rtol)
+        _compare(check, ("parity", "group_stats", case, "mean_max_abs_err"), got.mean, exp.mean, atol, rtol)
+        _compare(check, ("parity", "group_stats", case, "std_max_abs_err"), got.std, exp.std, atol, rtol)
         check.expect(torch.equal(got.count.cpu(), exp.count.cpu()), f"group_stats {case}: counts differ")
         for shift in (True, False):
             case = f"triton/{dtype}/T={T}/shift_mean={shift}"
             got_w = kernels.masked_whiten(x, mask, shift_mean=shift, impl="triton")
             exp_w = reference.masked_whiten(x.float(), mask, shift_mean=shift)
-            _compare(check, "masked_whiten", case, "out", got_w, exp_w, atol, rtol)
+            _compare(check, ("parity", "masked_whiten", case, "out_max_abs_err"), got_w, exp_w, atol, rtol)
 
 
 def _logprob_inputs(N: int, V: int, H: int, device: str):
@@ -559,10 +560,10 @@ def _parity_logprobs(check: Check) -> None:
                 case = f"triton/{dtype}/from_{src}/{N}x{V}x{H}"
                 lp, ent, grads = _lp_forward_backward(lambda *xs: ours(*xs, impl="triton"), leaves, g_lp, g_ent)
                 elp, eent, egrads = _lp_forward_backward(ref, [t.float() for t in leaves], g_lp, g_ent)
-                _compare(check, "logprobs", case, "logprobs", lp, elp, atol, rtol)
-                _compare(check, "logprobs", case, "entropy", ent, eent, atol, rtol)
+                _compare(check, ("parity", "logprobs", case, "logprobs_max_abs_err"), lp, elp, atol, rtol)
+                _compare(check, ("parity", "logprobs", case, "entropy_max_abs_err"), ent, eent, atol, rtol)
                 for name, got, exp in zip(("d_" + src, "d_weight"), grads, egrads):
-                    _compare(check, "logprobs", case, name, got, exp, gatol, grtol)
+                    _compare(check, ("parity", "logprobs", case, f"{name}_max_abs_err"), got, exp, gatol, grtol)
             del logits
 
 
@@ -624,13 +625,29 @@ def _bound(check: Check, bench: str, provider: str, size: str) -> tuple[float, s
     return 2 * a * b * bench_logprobs.H * gemms / flops, f"{gemms} [N, V, H] GEMM(s) at the matmul rate"
 
 
-def _measure(check: Check, mod: Any, provider: str, size: str) -> tuple[float, float, int, str]:
-    """(median s, low s, peak bytes, note) of one bench provider on the bench's own inputs."""
+def _measure(check: Check, mod: Any, provider: str, size: str) -> tuple[float, float, int, str, Any]:
+    """(median s, low s, peak bytes, note, output) of one bench provider on the bench's own
+    (seeded, so every provider's same) inputs."""
     mod.warm_up(provider, check.plan.device)
     fn, note = mod.make_fn(provider, size, check.plan.device)
-    peak = check.peak(fn)
+    peak, out = check.peak(fn)
     median, low = check.time(fn)
-    return median, low, peak, note
+    return median, low, peak, note, out
+
+
+def _agreement(check: Check, bench: str, provider: str, size: str, out: Any, naive_out: Any) -> None:
+    """Rows: the largest difference of ``provider``'s outputs from the naive provider's at
+    the benchmark's size (parity covers odd shapes; this covers the large ones)."""
+    from bench import bench_logprobs
+
+    if bench == "logprobs":
+        key = ("logits" if "_logits" in provider else "hidden", str(bench_logprobs._dtype(check.plan.device)).removeprefix("torch."))
+    else:
+        key = ("scan", "float32")  # the bench inputs are fp32
+    (atol, rtol), _ = TOLERANCES[key]
+    outs, naive_outs = (out, naive_out) if isinstance(out, tuple) else ((out,), (naive_out,))
+    for i, (got, exp) in enumerate(zip(outs, naive_outs)):
+        _compare(check, (bench, provider, size, f"out{i}_max_abs_err_vs_naive"), got, exp, atol, rtol)
 
 
 def step_kernels(check: Check) -> None:
@@ -641,9 +658,10 @@ def step_kernels(check: Check) -> None:
     dev = check.plan.device
     for mod, bench, size, providers in _kernel_benches(check):
         medians: dict[str, float] = {}
+        outputs: dict[str, Any] = {}
         for provider in providers:
             try:
-                median, low, peak, note = _measure(check, mod, provider, size)
+                median, low, peak, note, out = _measure(check, mod, provider, size)
             except Exception as exc:  # noqa: BLE001 - Unavailable too: every provider must run
                 if not isinstance(exc, Unavailable):
                     traceback.print_exc()
@@ -652,15 +670,18 @@ def step_kernels(check: Check) -> None:
             finally:
                 if dev == "cuda":
                     torch.cuda.empty_cache()
-            medians[provider] = median
             bound, why = _bound(check, bench, provider, size)
             check.row(bench, provider, size, "time_median", median, "s", note)
             check.row(bench, provider, size, "time_min", low, "s", "p20 (do_bench), as bench.harness" if dev == "cuda" else "min")
             check.row(bench, provider, size, "peak_mem", peak / 2**20, "MiB", "allocated at the peak of one call, over its inputs")
             check.row(bench, provider, size, "x_bound", median / bound, "x", f"time / bound; bound {bound:.3g} s = {why}")
-            naive = medians.get(_naive(bench, provider))
-            if naive is not None and provider != _naive(bench, provider):
-                check.row(bench, provider, size, "speedup_vs_naive", naive / median, "x", f"{_naive(bench, provider)} time / this")
+            naive = _naive(bench, provider)
+            if naive == provider:
+                medians[provider], outputs[provider] = median, out
+            elif naive in medians:
+                check.row(bench, provider, size, "speedup_vs_naive", medians[naive] / median, "x", f"{naive} time / this")
+                _agreement(check, bench, provider, size, out, outputs[naive])
+            del out
 
 
 # --------------------------------------------------------------------------- train step
@@ -719,7 +740,7 @@ def step_train(check: Check) -> None:
         times.append(time.perf_counter() - t)
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    extra = check.peak(lambda: backend.train_step(batch))  # one more step, for its peak memory
+    extra, _ = check.peak(lambda: backend.train_step(batch))  # one more step, for its peak memory
     total = torch.cuda.max_memory_allocated() if plan.device == "cuda" else None
     check.expect(all(math.isfinite(v) for v in metrics.values()), f"non-finite metrics: {metrics}")
     med = statistics.median(times) if times else math.nan
@@ -869,6 +890,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)  # the real kernels, never the interpreter
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check: torch sees no CUDA device; on CPU run with --dry-run", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.csv").unlink(missing_ok=True)
     check = Check(DRY_PLAN if args.dry_run else GPU_PLAN, args.out, budget_s=args.budget_s)
