@@ -59,14 +59,14 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from bench.harness import BenchResult, git_sha, machine, record
 
-BENCH = "gpu_check"
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Qwen2.5-0.5B's architecture (494M parameters, tied embeddings); weights are random.
 QWEN2_05B: dict[str, Any] = {
@@ -225,8 +225,13 @@ class Check:
 
     # rows and expectations
 
-    def row(self, bench: str, provider: str, size: str, metric: str, value: float, unit: str, note: str = "") -> None:
+    def row(self, bench: str, provider: str, size: str, metric: str, value: float, unit: str, note: str = "") -> None:  # fmt: skip
         self._pending.append(BenchResult(bench, provider, size, metric, float(value), unit, note))
+
+    def put(self, bench: str, provider: str, size: str, rows: Iterable[tuple[str, float, str, str]]) -> None:  # fmt: skip
+        """One row per ``(metric, value, unit, note)`` of ``bench``/``provider``/``size``."""
+        for metric, value, unit, note in rows:
+            self.row(bench, provider, size, metric, value, unit, note)
 
     def expect(self, ok: bool, what: str) -> bool:
         """Record ``what`` as a failure of the current step unless ``ok``."""
@@ -301,7 +306,9 @@ class Check:
 
     def model_dir(self) -> Path:
         if self._model_dir is None:
-            self._model_dir = build_checkpoint(self.tmp / "model", self.plan.model, self.plan.device, self.plan.dtype)
+            self._model_dir = build_checkpoint(
+                self.tmp / "model", self.plan.model, self.plan.device, self.plan.dtype
+            )
         return self._model_dir
 
     def trainer(self) -> tuple[Any, Any]:
@@ -328,19 +335,27 @@ class Check:
                 ),
             )
             shape = SimpleNamespace(batch=B, prompt=P, completion=C)
-            ids, adv = bench_train_step._token_batch(shape, plan.model["vocab_size"])  # [B, P + C], [B]
+            ids, adv = bench_train_step._token_batch(
+                shape, plan.model["vocab_size"]
+            )  # [B, P + C], [B]
             batch = bench_train_step._packed(ids, adv, P)
             batch.old_logprobs = backend.compute_logprobs(batch)  # [T]: ratio 1 at the first step
             self._trainer = (backend, batch)
         return self._trainer
 
 
-def run_steps(check: Check, steps: Sequence[tuple[str, Callable[[Check], None]]]) -> list[StepResult]:
+def run_steps(
+    check: Check, steps: Sequence[tuple[str, Callable[[Check], None]]]
+) -> list[StepResult]:
     """Run ``steps`` in order, each guarded; rewrite the report after each one."""
     results: list[StepResult] = []
     for name, fn in steps:
         if check.over_budget():
-            results.append(StepResult(name, "not run", 0.0, f"the run is over its {check.budget_s:.0f} s budget"))
+            results.append(
+                StepResult(
+                    name, "not run", 0.0, f"the run is over its {check.budget_s:.0f} s budget"
+                )
+            )
             write_report(check, results)
             continue
         print(f"\n===== gpu_check: {name}", flush=True)
@@ -379,9 +394,15 @@ def write_report(check: Check, results: Sequence[StepResult]) -> None:
     ]
     for r in results:
         lines.append(f"| {r.name} | {r.status} | {r.seconds:.1f} | {_md(r.detail)} |")
-    lines += ["", "| bench | provider | size | metric | value | unit | note |", "| --- | --- | --- | --- | ---: | --- | --- |"]
+    lines += [
+        "",
+        "| bench | provider | size | metric | value | unit | note |",
+        "| --- | --- | --- | --- | ---: | --- | --- |",
+    ]
     for r in check.rows:
-        lines.append(f"| {r.bench} | {r.provider} | {r.size} | {r.metric} | {r.value:.4g} | {r.unit} | {_md(r.note)} |")
+        lines.append(
+            f"| {r.bench} | {r.provider} | {r.size} | {r.metric} | {r.value:.4g} | {r.unit} | {_md(r.note)} |"
+        )
     (check.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -409,15 +430,19 @@ def step_env(check: Check) -> None:
 
     v["transformers"] = transformers.__version__
     if plan.device == "cuda":
-        if not check.expect(torch.cuda.is_available(), "torch sees no CUDA device (use --dry-run on CPU)"):
+        if not check.expect(
+            torch.cuda.is_available(), "torch sees no CUDA device (use --dry-run on CPU)"
+        ):
             return
-        v["device"] = f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+        v["device"] = (
+            f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+        )
     else:
         v["device"] = "cpu, TRITON_INTERPRET=" + os.environ.get("TRITON_INTERPRET", "")
     bw, flops = check.ceilings()
     dt = "bf16" if plan.device == "cuda" else "fp32"
-    check.row("env", "copy", f"{plan.copy_bytes >> 20}MiB", "bandwidth", bw / 1e9, "GB/s", "device copy, read + write")
-    check.row("env", f"matmul_{dt}", f"{plan.matmul_n}^3", "rate", flops / 1e12, "TFLOP/s", "torch a @ b")
+    check.row("env", "copy", f"{plan.copy_bytes >> 20}MiB", "bandwidth", bw / 1e9, "GB/s", "device copy, read + write")  # fmt: skip
+    check.row("env", f"matmul_{dt}", f"{plan.matmul_n}^3", "rate", flops / 1e12, "TFLOP/s", "torch a @ b")  # fmt: skip
 
 
 def step_ext(check: Check) -> None:
@@ -429,18 +454,26 @@ def step_ext(check: Check) -> None:
     info = _ext.load()
     seconds = time.perf_counter() - t0
     check.versions["lightning/_ext"] = f"{info.source} {info.path} (cuda={info.cuda})"
-    check.row("ext", info.source, "-", "load_s", seconds, "s", f"cuda={info.cuda}; a JIT build includes compiling")
+    check.row("ext", info.source, "-", "load_s", seconds, "s", f"cuda={info.cuda}; a JIT build includes compiling")  # fmt: skip
     want = check.plan.ext_impl
     dispatch_key = "CUDA" if want == "cuda" else "CPU"
-    check.expect(_ext.has_kernel("gae", dispatch_key), f"lightning_rl::gae has no {dispatch_key} kernel ({info})")
+    check.expect(
+        _ext.has_kernel("gae", dispatch_key),
+        f"lightning_rl::gae has no {dispatch_key} kernel ({info})",
+    )
     if want == "cuda":
-        check.expect(info.cuda and torch.version.cuda is not None, f"the extension was built without CUDA ({info})")
+        check.expect(
+            info.cuda and torch.version.cuda is not None,
+            f"the extension was built without CUDA ({info})",
+        )
 
 
 # --------------------------------------------------------------------------- parity
 
 
-def _compare(check: Check, where: tuple[str, str, str, str], got: Any, exp: Any, atol: float, rtol: float) -> None:
+def _compare(
+    check: Check, where: tuple[str, str, str, str], got: Any, exp: Any, atol: float, rtol: float
+) -> None:
     """Row ``where`` = (bench, provider, size, metric) with ``got``'s largest absolute error
     against ``exp``; a failure if any element is off by more than ``atol + rtol * |exp|``
     (NaN counts as off)."""
@@ -470,7 +503,9 @@ def _parity_gae(check: Check) -> None:
     lengths = plan.gae_lengths
     g = torch.Generator().manual_seed(0)
     T = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)  # [B + 1]
+    cu = torch.tensor(
+        [0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev
+    )  # [B + 1]
     r32 = torch.randn(T, generator=g).to(dev)  # [T]
     v32 = torch.randn(T, generator=g).to(dev)  # [T]
     mask = (torch.rand(T, generator=g) >= 0.3).to(dev)  # [T] bool
@@ -478,12 +513,28 @@ def _parity_gae(check: Check) -> None:
         (atol, rtol), _ = TOLERANCES[("scan", dtype)]
         r, v = r32.to(getattr(torch, dtype)), v32.to(getattr(torch, dtype))  # [T]
         for label, values, m in (("gae", v, mask), ("returns", None, mask), ("unmasked", v, None)):
-            exp = reference.gae(r.float(), None if values is None else values.float(), m, cu, gamma=0.97, lam=0.9)
+            exp = reference.gae(
+                r.float(), None if values is None else values.float(), m, cu, gamma=0.97, lam=0.9
+            )
             for impl in ("triton", plan.ext_impl):
                 case = f"{impl}/{dtype}/{label}/T={T}"
                 got = kernels.gae(r, values, m, cu, gamma=0.97, lam=0.9, impl=impl)
-                _compare(check, ("parity", "gae", case, "advantages_max_abs_err"), got[0], exp[0], atol, rtol)
-                _compare(check, ("parity", "gae", case, "returns_max_abs_err"), got[1], exp[1], atol, rtol)
+                _compare(
+                    check,
+                    ("parity", "gae", case, "advantages_max_abs_err"),
+                    got[0],
+                    exp[0],
+                    atol,
+                    rtol,
+                )
+                _compare(
+                    check,
+                    ("parity", "gae", case, "returns_max_abs_err"),
+                    got[1],
+                    exp[1],
+                    atol,
+                    rtol,
+                )
 
 
 def _parity_group_stats(check: Check) -> None:
@@ -505,14 +556,32 @@ def _parity_group_stats(check: Check) -> None:
         case = f"triton/{dtype}/N={n}"
         got = kernels.group_stats(s, ids, impl="triton")
         exp = reference.group_stats(s.float(), ids)
-        _compare(check, ("parity", "group_stats", case, "mean_max_abs_err"), got.mean, exp.mean, atol, rtol)
-        _compare(check, ("parity", "group_stats", case, "std_max_abs_err"), got.std, exp.std, atol, rtol)
-        check.expect(torch.equal(got.count.cpu(), exp.count.cpu()), f"group_stats {case}: counts differ")
+        _compare(
+            check,
+            ("parity", "group_stats", case, "mean_max_abs_err"),
+            got.mean,
+            exp.mean,
+            atol,
+            rtol,
+        )
+        _compare(
+            check, ("parity", "group_stats", case, "std_max_abs_err"), got.std, exp.std, atol, rtol
+        )
+        check.expect(
+            torch.equal(got.count.cpu(), exp.count.cpu()), f"group_stats {case}: counts differ"
+        )
         for shift in (True, False):
             case = f"triton/{dtype}/T={T}/shift_mean={shift}"
             got_w = kernels.masked_whiten(x, mask, shift_mean=shift, impl="triton")
             exp_w = reference.masked_whiten(x.float(), mask, shift_mean=shift)
-            _compare(check, ("parity", "masked_whiten", case, "out_max_abs_err"), got_w, exp_w, atol, rtol)
+            _compare(
+                check,
+                ("parity", "masked_whiten", case, "out_max_abs_err"),
+                got_w,
+                exp_w,
+                atol,
+                rtol,
+            )
 
 
 def _logprob_inputs(N: int, V: int, H: int, device: str):
@@ -527,7 +596,9 @@ def _logprob_inputs(N: int, V: int, H: int, device: str):
     return [t.to(device) for t in (hidden, weight, ids, g_lp, g_ent)]
 
 
-def _lp_forward_backward(fn: Callable[..., Any], leaves: list[Any], g_lp: Any, g_ent: Any) -> tuple[Any, Any, list[Any]]:
+def _lp_forward_backward(
+    fn: Callable[..., Any], leaves: list[Any], g_lp: Any, g_ent: Any
+) -> tuple[Any, Any, list[Any]]:
     """(logprobs, entropy, gradients of each leaf) of ``sum(g_lp * lp + g_ent * ent)``."""
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     out = fn(*leaves)
@@ -535,35 +606,68 @@ def _lp_forward_backward(fn: Callable[..., Any], leaves: list[Any], g_lp: Any, g
     return out.logprobs, out.entropy, [t.grad for t in leaves]
 
 
-def _parity_logprobs(check: Check) -> None:
-    import torch
-
+def _lp_op(src: str, impl: str | None, ids: Any, temperature: float) -> Callable[..., Any]:
+    """``logprobs_from_<src>`` (with entropy) as a function of its differentiable inputs:
+    ``impl`` through the public dispatch, or the reference when ``impl`` is None."""
     from lightning import kernels
     from lightning.kernels.logprobs import reference
 
-    temp = 0.7
+    kw: dict[str, Any] = {"temperature": temperature, "return_entropy": True}
+    if impl is not None:
+        kw["impl"] = impl
+    fn = {
+        ("logits", False): kernels.logprobs_from_logits,
+        ("hidden", False): kernels.logprobs_from_hidden,
+        ("logits", True): reference.logprobs_from_logits,
+        ("hidden", True): reference.logprobs_from_hidden,
+    }[(src, impl is None)]
+    return lambda *xs: fn(*xs, ids, **kw)
+
+
+def _parity_logprobs(check: Check) -> None:
+    import torch
+
     for N, V, H in check.plan.logprob_shapes:
         hidden32, weight32, ids, g_lp, g_ent = _logprob_inputs(N, V, H, check.plan.device)
         for dtype in _dtypes(check):
             dt = getattr(torch, dtype)
-            hidden, weight = hidden32.to(dt), weight32.to(dt)
+            hidden, weight = hidden32.to(dt), weight32.to(dt)  # [N, H], [V, H]
             with torch.no_grad():
                 logits = hidden @ weight.T  # [N, V] in dtype: the given logits
-            cases = (
-                ("logits", [logits], lambda x, impl: kernels.logprobs_from_logits(x, ids, temperature=temp, return_entropy=True, impl=impl),
-                 lambda x: reference.logprobs_from_logits(x, ids, temperature=temp, return_entropy=True)),
-                ("hidden", [hidden, weight], lambda h, w, impl: kernels.logprobs_from_hidden(h, w, ids, temperature=temp, return_entropy=True, impl=impl),
-                 lambda h, w: reference.logprobs_from_hidden(h, w, ids, temperature=temp, return_entropy=True)),
-            )  # fmt: skip
-            for src, leaves, ours, ref in cases:
+            for src, leaves in (("logits", [logits]), ("hidden", [hidden, weight])):
                 (atol, rtol), (gatol, grtol) = TOLERANCES[(src, dtype)]
                 case = f"triton/{dtype}/from_{src}/{N}x{V}x{H}"
-                lp, ent, grads = _lp_forward_backward(lambda *xs: ours(*xs, impl="triton"), leaves, g_lp, g_ent)
-                elp, eent, egrads = _lp_forward_backward(ref, [t.float() for t in leaves], g_lp, g_ent)
-                _compare(check, ("parity", "logprobs", case, "logprobs_max_abs_err"), lp, elp, atol, rtol)
-                _compare(check, ("parity", "logprobs", case, "entropy_max_abs_err"), ent, eent, atol, rtol)
-                for name, got, exp in zip(("d_" + src, "d_weight"), grads, egrads):
-                    _compare(check, ("parity", "logprobs", case, f"{name}_max_abs_err"), got, exp, gatol, grtol)
+                lp, ent, grads = _lp_forward_backward(
+                    _lp_op(src, "triton", ids, 0.7), leaves, g_lp, g_ent
+                )
+                exp = _lp_forward_backward(
+                    _lp_op(src, None, ids, 0.7), [t.float() for t in leaves], g_lp, g_ent
+                )
+                _compare(
+                    check,
+                    ("parity", "logprobs", case, "logprobs_max_abs_err"),
+                    lp,
+                    exp[0],
+                    atol,
+                    rtol,
+                )
+                _compare(
+                    check,
+                    ("parity", "logprobs", case, "entropy_max_abs_err"),
+                    ent,
+                    exp[1],
+                    atol,
+                    rtol,
+                )
+                for name, got, want in zip(("d_" + src, "d_weight"), grads, exp[2]):
+                    _compare(
+                        check,
+                        ("parity", "logprobs", case, f"{name}_max_abs_err"),
+                        got,
+                        want,
+                        gatol,
+                        grtol,
+                    )
             del logits
 
 
@@ -584,10 +688,19 @@ def _kernel_benches(check: Check) -> list[tuple[Any, str, str, list[str]]]:
     from bench import bench_gae, bench_group_stats, bench_logprobs
 
     plan = check.plan
-    lp = [f"{impl}/{mode}" for mode in ("fwd", "train") for impl in ("reference", "triton", "reference_logits", "triton_logits")]
+    lp = [
+        f"{impl}/{mode}"
+        for mode in ("fwd", "train")
+        for impl in ("reference", "triton", "reference_logits", "triton_logits")
+    ]
     return [
         (bench_gae, "gae", plan.gae_size, ["reference", "triton", plan.ext_impl]),
-        (bench_group_stats, "group_stats", plan.group_size, ["grpo/reference", "grpo/triton", "whiten/reference", "whiten/triton"]),
+        (
+            bench_group_stats,
+            "group_stats",
+            plan.group_size,
+            ["grpo/reference", "grpo/triton", "whiten/reference", "whiten/triton"],
+        ),
         (bench_logprobs, "logprobs", plan.logprobs_size, lp),
     ]
 
@@ -612,20 +725,30 @@ def _bound(check: Check, bench: str, provider: str, size: str) -> tuple[float, s
     bw, flops = check.ceilings()
     a, b = map(int, size.split("x"))
     if bench == "gae":
-        return a * b * bench_gae.BYTES_PER_TOKEN / bw, f"{bench_gae.BYTES_PER_TOKEN} B/token at copy bandwidth"
+        return (
+            a * b * bench_gae.BYTES_PER_TOKEN / bw,
+            f"{bench_gae.BYTES_PER_TOKEN} B/token at copy bandwidth",
+        )
     if bench == "group_stats":
         per = 5 if provider.startswith("grpo") else 9  # mask in + fp32 out; whiten also reads x
         return a * b * per / bw, f"{per} B/token at copy bandwidth"
     impl, mode = provider.split("/")
     item = torch.finfo(bench_logprobs._dtype(check.plan.device)).bits // 8
     if impl.endswith("_logits"):
-        passes = 1 if mode == "fwd" else 3  # fwd reads the logits; bwd reads them and writes dlogits
+        passes = (
+            1 if mode == "fwd" else 3
+        )  # fwd reads the logits; bwd reads them and writes dlogits
         return a * b * item * passes / bw, f"{passes} pass(es) over [N, V] at copy bandwidth"
     gemms = 1 if mode == "fwd" else 3  # logits; + dhidden and dweight
-    return 2 * a * b * bench_logprobs.H * gemms / flops, f"{gemms} [N, V, H] GEMM(s) at the matmul rate"
+    return (
+        2 * a * b * bench_logprobs.H * gemms / flops,
+        f"{gemms} [N, V, H] GEMM(s) at the matmul rate",
+    )
 
 
-def _measure(check: Check, mod: Any, provider: str, size: str) -> tuple[float, float, int, str, Any]:
+def _measure(
+    check: Check, mod: Any, provider: str, size: str
+) -> tuple[float, float, int, str, Any]:
     """(median s, low s, peak bytes, note, output) of one bench provider on the bench's own
     (seeded, so every provider's same) inputs."""
     mod.warm_up(provider, check.plan.device)
@@ -635,19 +758,26 @@ def _measure(check: Check, mod: Any, provider: str, size: str) -> tuple[float, f
     return median, low, peak, note, out
 
 
-def _agreement(check: Check, bench: str, provider: str, size: str, out: Any, naive_out: Any) -> None:
+def _agreement(
+    check: Check, bench: str, provider: str, size: str, out: Any, naive_out: Any
+) -> None:
     """Rows: the largest difference of ``provider``'s outputs from the naive provider's at
     the benchmark's size (parity covers odd shapes; this covers the large ones)."""
     from bench import bench_logprobs
 
     if bench == "logprobs":
-        key = ("logits" if "_logits" in provider else "hidden", str(bench_logprobs._dtype(check.plan.device)).removeprefix("torch."))
+        key = (
+            "logits" if "_logits" in provider else "hidden",
+            str(bench_logprobs._dtype(check.plan.device)).removeprefix("torch."),
+        )
     else:
         key = ("scan", "float32")  # the bench inputs are fp32
     (atol, rtol), _ = TOLERANCES[key]
     outs, naive_outs = (out, naive_out) if isinstance(out, tuple) else ((out,), (naive_out,))
     for i, (got, exp) in enumerate(zip(outs, naive_outs)):
-        _compare(check, (bench, provider, size, f"out{i}_max_abs_err_vs_naive"), got, exp, atol, rtol)
+        _compare(
+            check, (bench, provider, size, f"out{i}_max_abs_err_vs_naive"), got, exp, atol, rtol
+        )
 
 
 def step_kernels(check: Check) -> None:
@@ -671,15 +801,19 @@ def step_kernels(check: Check) -> None:
                 if dev == "cuda":
                     torch.cuda.empty_cache()
             bound, why = _bound(check, bench, provider, size)
-            check.row(bench, provider, size, "time_median", median, "s", note)
-            check.row(bench, provider, size, "time_min", low, "s", "p20 (do_bench), as bench.harness" if dev == "cuda" else "min")
-            check.row(bench, provider, size, "peak_mem", peak / 2**20, "MiB", "allocated at the peak of one call, over its inputs")
-            check.row(bench, provider, size, "x_bound", median / bound, "x", f"time / bound; bound {bound:.3g} s = {why}")
+            low_note = "p20 (do_bench), as bench.harness" if dev == "cuda" else "min"
+            check.put(bench, provider, size, [
+                ("time_median", median, "s", note),
+                ("time_min", low, "s", low_note),
+                ("peak_mem", peak / 2**20, "MiB", "allocated at the peak of one call, over its inputs"),
+                ("x_bound", median / bound, "x", f"time / bound; bound {bound:.3g} s = {why}"),
+            ])  # fmt: skip
             naive = _naive(bench, provider)
             if naive == provider:
                 medians[provider], outputs[provider] = median, out
             elif naive in medians:
-                check.row(bench, provider, size, "speedup_vs_naive", medians[naive] / median, "x", f"{naive} time / this")
+                speedup = medians[naive] / median
+                check.row(bench, provider, size, "speedup_vs_naive", speedup, "x", f"{naive} time / this")  # fmt: skip
                 _agreement(check, bench, provider, size, out, outputs[naive])
             del out
 
@@ -705,7 +839,11 @@ def build_checkpoint(path: Path, arch: dict[str, Any], device: str, dtype: str) 
     core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="t0", eos_token=f"t{V - 1}", pad_token=f"t{V - 2}", unk_token="t0"
+        tokenizer_object=core,
+        bos_token="t0",
+        eos_token=f"t{V - 1}",
+        pad_token=f"t{V - 2}",
+        unk_token="t0",
     )
     tokenizer.save_pretrained(str(path))
     return path
@@ -728,8 +866,14 @@ def step_train(check: Check) -> None:
     n_params = sum(p.numel() for p in backend.model.parameters())
     expected_micro = math.ceil(B * (P + C) / plan.micro_batch_tokens)
     first = backend.train_step(batch)  # warm-up: optimizer state, kernels, allocator
-    check.expect(all(math.isfinite(v) for v in first.values()), f"non-finite metrics after the first step: {first}")
-    check.expect(first["perf/micro_batches"] == expected_micro, f"{first['perf/micro_batches']} micro-batches, expected {expected_micro}")
+    check.expect(
+        all(math.isfinite(v) for v in first.values()),
+        f"non-finite metrics after the first step: {first}",
+    )
+    check.expect(
+        first["perf/micro_batches"] == expected_micro,
+        f"{first['perf/micro_batches']} micro-batches, expected {expected_micro}",
+    )
     check.expect(first["actor/grad_norm"] > 0, f"zero gradient norm: {first}")
     times, metrics = [], first
     for _ in range(plan.timed_steps):
@@ -748,15 +892,18 @@ def step_train(check: Check) -> None:
     _, flops = check.ceilings()
     model_flops = 6 * n_params * tokens / med  # attention FLOPs not counted
     note = f"TorchBackend ppo token-mean, {n_params / 1e6:.0f}M params, median of {len(times)} steps after a warm-up"
-    check.row("train", "torch_backend", size, "setup_s", setup_s, "s", "random checkpoint written, loaded, old log-probs")
-    check.row("train", "torch_backend", size, "step_time_median", med, "s", note)
-    check.row("train", "torch_backend", size, "tokens_per_s", tokens / med, "tok/s", "B*(P+C) / median")
-    check.row("train", "torch_backend", size, "action_tokens_per_s", actions / med, "tok/s", "B*C / median")
-    check.row("train", "torch_backend", size, "model_tflops", model_flops / 1e12, "TFLOP/s", "6 x params x tokens / step time")
-    check.row("train", "torch_backend", size, "mfu_vs_matmul", model_flops / flops, "x", "model FLOP/s / measured matmul rate")
-    check.row("train", "torch_backend", size, "peak_mem_step_extra", extra / 2**30, "GiB", "peak of one step over weights + optimizer state")
+    rows = [
+        ("setup_s", setup_s, "s", "random checkpoint written, loaded, old log-probs"),
+        ("step_time_median", med, "s", note),
+        ("tokens_per_s", tokens / med, "tok/s", "B*(P+C) / median"),
+        ("action_tokens_per_s", actions / med, "tok/s", "B*C / median"),
+        ("model_tflops", model_flops / 1e12, "TFLOP/s", "6 x params x tokens / step time"),
+        ("mfu_vs_matmul", model_flops / flops, "x", "model FLOP/s / measured matmul rate"),
+        ("peak_mem_step_extra", extra / 2**30, "GiB", "peak of one step over weights + optimizer state"),
+    ]  # fmt: skip
     if total is not None:
-        check.row("train", "torch_backend", size, "peak_mem_step_total", total / 2**30, "GiB", "torch.cuda.max_memory_allocated over one step")
+        rows.append(("peak_mem_step_total", total / 2**30, "GiB", "max_memory_allocated over one step"))  # fmt: skip
+    check.put("train", "torch_backend", size, rows)
 
 
 # --------------------------------------------------------------------------- engine
@@ -794,7 +941,10 @@ async def _engine_throughput(check: Check, engine: Any, size: str) -> None:
         t0 = time.perf_counter()
         produced = await _generate_all(engine, prompts, greedy)
         wall = time.perf_counter() - t0
-        check.expect(produced == batch * plan.engine_tokens, f"batch {batch}: {produced} tokens, expected {batch * plan.engine_tokens}")
+        check.expect(
+            produced == batch * plan.engine_tokens,
+            f"batch {batch}: {produced} tokens, expected {batch * plan.engine_tokens}",
+        )
         check.row("engine", "torch_engine", f"{size}/b{batch}", "tokens_per_s", produced / wall, "tok/s",
                   f"{batch} concurrent requests, {plan.engine_prompt}-token prompts, {plan.engine_tokens} new tokens, greedy")  # fmt: skip
 
@@ -809,7 +959,9 @@ async def _landing_check(check: Check, engine: Any, size: str) -> None:
     backend, batch = check.trainer()
     if backend.step == 0:
         backend.train_step(batch)  # the engine step alone (--only engine): weights must differ
-    probe = torch.randint(0, check.plan.model["vocab_size"] - 2, (64,), generator=torch.Generator().manual_seed(4)).tolist()
+    probe = torch.randint(
+        0, check.plan.model["vocab_size"] - 2, (64,), generator=torch.Generator().manual_seed(4)
+    ).tolist()
 
     async def gap() -> float:
         ours = await anyio.to_thread.run_sync(probe_logprobs, engine.model, probe)
@@ -823,14 +975,20 @@ async def _landing_check(check: Check, engine: Any, size: str) -> None:
     version = await engine.update_weights(backend.export_weights())
     update_s = time.perf_counter() - t0
     after = await gap()
-    result = await engine.generate(probe[:8], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-    check.row("engine", "torch_engine", size, "weight_update_s", update_s, "s", "update_weights(backend.export_weights()), in place")
-    check.row("engine", "torch_engine", size, "landing_gap_before", before, "nats", f"max |engine - trainer| probe log-prob, old weights; must exceed {atol:g}")
-    check.row("engine", "torch_engine", size, "landing_gap_after", after, "nats", f"same after the update; must be <= {atol:g}")
-    check.expect(before > atol, f"the probe cannot see the update: gap {before:.3g} <= {atol:g} before it")
-    check.expect(after <= atol, f"the weights did not land: probe gap {after:.3g} > {atol:g} after the update")
-    check.expect(version == version0 + 1 == engine.policy_version, f"version {version0} -> {version} (engine reports {engine.policy_version})")
-    check.expect(result.policy_version == version, f"a completion after the update reports version {result.policy_version}, not {version}")
+    result = await engine.generate(
+        probe[:8], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    )
+    check.put("engine", "torch_engine", size, [
+        ("weight_update_s", update_s, "s", "update_weights(backend.export_weights()), in place"),
+        ("landing_gap_before", before, "nats", f"max |engine - trainer| probe log-prob, old weights; must exceed {atol:g}"),
+        ("landing_gap_after", after, "nats", f"the same after the update; must be <= {atol:g}"),
+    ])  # fmt: skip
+    check.expect(before > atol, f"the probe cannot see the update: gap {before:.3g} <= {atol:g} before it")  # fmt: skip
+    check.expect(after <= atol, f"the weights did not land: probe gap {after:.3g} > {atol:g} after the update")  # fmt: skip
+    now = engine.policy_version
+    check.expect(version == version0 + 1 == now, f"version {version0} -> {version} (engine: {now})")
+    seen = result.policy_version
+    check.expect(seen == version, f"a completion after the update reports version {seen}, not {version}")  # fmt: skip
 
 
 def step_engine(check: Check) -> None:
@@ -876,8 +1034,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="folder for results.md and results.csv")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreter")
-    ap.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps, of {','.join(STEPS)}")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="start no step after this many seconds")
+    ap.add_argument(
+        "--only", default=",".join(STEPS), help=f"comma-separated steps, of {','.join(STEPS)}"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=450.0, help="start no step after this many seconds"
+    )
     args = ap.parse_args(argv)
     args.steps = [s for s in args.only.split(",") if s]
     unknown = [s for s in args.steps if s not in STEPS]
@@ -886,16 +1048,48 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+#: What the steps import; ``lightning`` must be this checkout's, not PyTorch Lightning.
+REQUIRED = ("torch", "triton", "transformers", "tokenizers", "msgspec", "structlog", "anyio", "lightning", "lightning_backends")  # fmt: skip
+
+
+def missing_modules() -> list[str]:
+    """The :data:`REQUIRED` modules that do not import here (or import from elsewhere), each
+    with the reason."""
+    import importlib
+
+    missing = []
+    for name in REQUIRED:
+        try:
+            mod = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to import is reported
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+            continue
+        if name.startswith("lightning") and ROOT not in Path(mod.__file__).resolve().parents:
+            missing.append(f"{name} (imported from {mod.__file__}, not from {ROOT})")
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     else:
         os.environ.pop("TRITON_INTERPRET", None)  # the real kernels, never the interpreter
+    missing = missing_modules()
+    if missing:
+        print(
+            f"gpu_check: cannot import {'; '.join(missing)}. Run it through bench/run_gpu.sh (it "
+            "puts this checkout first on PYTHONPATH) with the wheels of bench/fetch_gpu_wheels.sh",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.dry_run:
         import torch
 
         if not torch.cuda.is_available():
-            print("gpu_check: torch sees no CUDA device; on CPU run with --dry-run", file=sys.stderr)
+            print(
+                "gpu_check: torch sees no CUDA device; on CPU run with --dry-run", file=sys.stderr
+            )
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.csv").unlink(missing_ok=True)
@@ -905,7 +1099,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         check.close()
     failed = [r.name for r in results if r.status != "ok"]
-    print(f"\ngpu_check: {len(results) - len(failed)} of {len(results)} steps ok" + (f"; not ok: {', '.join(failed)}" if failed else ""))
+    print(
+        f"\ngpu_check: {len(results) - len(failed)} of {len(results)} steps ok"
+        + (f"; not ok: {', '.join(failed)}" if failed else "")
+    )
     print(f"gpu_check: {args.out / 'results.md'}, {args.out / 'results.csv'}")
     return 1 if failed else 0
 
