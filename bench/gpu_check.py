@@ -882,9 +882,8 @@ def step_train(check: Check) -> None:
         metrics = backend.train_step(batch)
         check.sync()
         times.append(time.perf_counter() - t)
-    if plan.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     extra, _ = check.peak(lambda: backend.train_step(batch))  # one more step, for its peak memory
+    # peak_cuda_delta reset the peak counter just before that step: this is the step's peak
     total = torch.cuda.max_memory_allocated() if plan.device == "cuda" else None
     check.expect(all(math.isfinite(v) for v in metrics.values()), f"non-finite metrics: {metrics}")
     med = statistics.median(times) if times else math.nan
