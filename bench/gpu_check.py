@@ -956,8 +956,8 @@ async def _landing_check(check: Check, engine: Any, size: str) -> None:
     from lightning.engine.vllm_engine import probe_logprobs
 
     backend, batch = check.trainer()
-    if backend.step == 0:
-        backend.train_step(batch)  # the engine step alone (--only engine): weights must differ
+    while backend.step < 3:  # the engine step alone (--only engine): the weights must move
+        await anyio.to_thread.run_sync(backend.train_step, batch)
     probe = torch.randint(
         0, check.plan.model["vocab_size"] - 2, (64,), generator=torch.Generator().manual_seed(4)
     ).tolist()
