@@ -69,6 +69,10 @@ class BenchResult:
 
 @functools.cache
 def git_sha() -> str:
+    """The checkout's short SHA (``-dirty`` with uncommitted changes); ``$LIGHTNING_GIT_SHA``
+    when set, for copies of the tree that have no ``.git`` (a GPU machine's)."""
+    if os.environ.get("LIGHTNING_GIT_SHA"):
+        return os.environ["LIGHTNING_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
