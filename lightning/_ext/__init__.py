@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import threading
 import warnings
@@ -84,7 +85,10 @@ def _jit() -> ExtInfo:
 
     cuda, _ = _want_cuda()
     digest = _build.sources_hash(torch.__version__, cuda)
-    build_dir = _build.cache_root() / digest
+    # ninja's build file holds the sources' absolute paths: two checkouts of the same
+    # sources sharing one directory would rebuild each other's library on every load
+    tree = hashlib.sha256(str(_build.CSRC.resolve()).encode()).hexdigest()[:8]
+    build_dir = _build.cache_root() / f"{digest}-{tree}"
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = _build.cpu_sources() + (_build.cuda_sources() if cuda else [])
     with _build_lock(build_dir), warnings.catch_warnings(record=True) as caught:
