@@ -22,6 +22,7 @@ calls without token ids are stored as text, ``trainable=False``, and said once.
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections import Counter
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
+from .._http import cross_origin, require_key
 from .._protocol import Event, Rejection
 from ._mapping import Assembler, to_events
 from ._model import OtelSpan, OtlpDecodeError, OtlpTooLarge, decode_otlp
@@ -189,10 +191,14 @@ class TraceReceiver:
                 body, mt = _status_pb(code, message), "application/x-protobuf"
             return Response(body, status_code=status, media_type=mt, headers=headers or None)
 
-        if self.api_key is not None and (
-                request.headers.get("authorization", "") != f"Bearer {self.api_key}"):
+        if self.api_key is not None and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(),
+                f"Bearer {self.api_key}".encode()):
             return error(401, 16, "invalid or missing API key: send 'Authorization: Bearer KEY' "
                          "(the collector's otlphttp exporter: headers: Authorization)")
+        refused = cross_origin(request)
+        if refused is not None:
+            return error(403, 7, refused)
         if ctype.split(";", 1)[0].strip().lower() not in ("application/json",
                                                          "application/x-protobuf"):
             return error(415, 3, f"unsupported Content-Type {ctype!r}: OTLP/HTTP is "
@@ -216,6 +222,10 @@ class TraceReceiver:
             return error(413, 8, str(exc))
         except OtlpDecodeError as exc:
             return error(400, 3, f"malformed OTLP trace export: {exc}")
+        except RecursionError:
+            return error(400, 3, "malformed OTLP trace export: nested too deeply")
+        except OverflowError as exc:  # e.g. nanoseconds beyond what a float holds
+            return error(400, 3, f"malformed OTLP trace export: a number is out of range ({exc})")
         except ImportError as exc:
             return error(415, 3, str(exc))
         try:
@@ -280,9 +290,12 @@ class TraceReceiver:
 
         Raises:
             OSError: the port could not be bound.
+            ConfigError: ``host`` is not loopback and there is no ``api_key``.
         """
         import uvicorn
         from starlette.applications import Starlette
+
+        require_key(host, self.api_key, "OTLP traces")
 
         app = Starlette(routes=self.routes())
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
