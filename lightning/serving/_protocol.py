@@ -87,6 +87,19 @@ class ToolCall(_Body, kw_only=True):
     type: str = "function"
 
 
+class NamedFunction(_Body, kw_only=True):
+    name: str
+
+
+class ToolChoice(_Body, kw_only=True, omit_defaults=False):
+    """``{"type": "function", "function": {"name": ...}}`` (chat) or ``{"type":
+    "function", "name": ...}`` (responses)."""
+
+    type: str = "function"
+    function: NamedFunction | None = None
+    name: str | None = None
+
+
 class ChatMessage(_Body, kw_only=True):
     role: str
     content: str | list[str | Json] | None = None
@@ -101,7 +114,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[ChatMessage] = []
     """Required, non-empty (checked with the messages' contents)."""
     tools: list[Json] | None = None
-    tool_choice: str | Json | None = None
+    tool_choice: str | ToolChoice | None = None
     response_format: Json | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
@@ -133,7 +146,7 @@ class ResponsesRequest(_Sampling, kw_only=True):
     """Required: a string or a non-empty list of items (checked with the items)."""
     instructions: str | None = None
     tools: list[Json] | None = None
-    tool_choice: str | Json | None = None
+    tool_choice: str | ToolChoice | None = None
     text: ResponsesText | None = None
     max_output_tokens: Tokens | None = None
     metadata: Json | None = None

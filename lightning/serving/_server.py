@@ -425,7 +425,7 @@ class PolicyServer:
     def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], bool]:
         messages = normalize_chat_messages(msgspec.to_builtins(req.messages))
         tools = normalize_tools(req.tools)
-        tools, forced = apply_tool_choice(tools, req.tool_choice)
+        tools, forced = apply_tool_choice(tools, msgspec.to_builtins(req.tool_choice))
         instruction = response_format_instruction(req.response_format)
         messages = with_system_instruction(messages, "\n\n".join(filter(None, [forced, instruction])))
         return self.engine.apply_chat_template(messages, tools=tools), bool(tools)
@@ -695,7 +695,8 @@ class PolicyServer:
     def _responses_prompt(self, req: ResponsesRequest) -> tuple[list[int], bool]:
         messages = responses_input_to_messages(req.input, req.instructions)
         tools = responses_tools_to_chat(req.tools)
-        tools, forced = apply_tool_choice(tools, _responses_tool_choice(req.tool_choice))
+        choice = _responses_tool_choice(msgspec.to_builtins(req.tool_choice))
+        tools, forced = apply_tool_choice(tools, choice)
         fmt = req.text.format if req.text is not None else None
         instruction = response_format_instruction(fmt, "text.format")
         messages = with_system_instruction(messages, "\n\n".join(filter(None, [forced, instruction])))
@@ -715,7 +716,7 @@ class PolicyServer:
             "id": rid, "object": "response", "created_at": int(time.time()),
             "model": req.model, "instructions": req.instructions,
             "parallel_tool_calls": req.parallel_tool_calls in (None, True),
-            "tool_choice": req.tool_choice or "auto",
+            "tool_choice": msgspec.to_builtins(req.tool_choice) or "auto",
             "tools": req.tools or [], "temperature": params.temperature,
             "top_p": params.top_p, "max_output_tokens": req.max_output_tokens,
             "text": msgspec.to_builtins(req.text) if req.text else {"format": {"type": "text"}},

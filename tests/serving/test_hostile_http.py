@@ -110,6 +110,10 @@ def test_huge_n_is_a_fast_400(live, route):
     ({"max_tokens": 2**70}, "max_tokens"), ({"stop": [1]}, "stop[0]"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": 5}]},
      "messages[0].tool_calls"),
+    ({"tool_choice": {"type": "function", "function": "f"}, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, "tool_choice.function"),
+    ({"tool_choice": {"type": "function", "function": {"name": "g"}}, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
 ])
 def test_chat_field_errors_name_the_field(live, extra, param):
     _err(live.post("/v1/chat/completions", json={**CHAT, **extra}), 400, param)

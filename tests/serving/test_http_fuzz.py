@@ -33,8 +33,12 @@ N_REQUESTS = int(os.environ.get("LIGHTNING_FUZZ_REQUESTS", "1000"))
 scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
            | st.sampled_from([0, 1, -1, 2**63, 2**64, 10**20]) | st.floats(allow_nan=False)
            | st.text(max_size=12) | st.sampled_from(["", "x" * 3000, "\x00", "é", "1.5"]))
+# keys the server looks for inside free-form objects, so nested values reach its code paths
+keys = st.sampled_from(["type", "function", "name", "text", "content", "role", "format",
+                        "json_schema", "schema", "arguments", "parameters", "tool_calls",
+                        "call_id", "output", "stringValue", "intValue"]) | st.text(max_size=6)
 json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=3)
-                           | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6)
+                           | st.dictionaries(keys, c, max_size=3), max_leaves=6)
 deep = st.integers(60, 1200).map(lambda d: msgspec.Raw(b"[" * d + b"]" * d))
 
 
@@ -71,7 +75,9 @@ BODIES = {
     "chat": body({"model": model, "messages": msgs, "max_tokens": small},
                  {**sampling, "tools": st.lists(tool, max_size=2), "logprobs": st.booleans(),
                   "top_logprobs": st.integers(0, 3),
-                  "tool_choice": st.sampled_from(["auto", "none", "required"]),
+                  "tool_choice": st.sampled_from(["auto", "none", "required"])
+                  | st.fixed_dictionaries({"type": st.just("function"), "function": json_values
+                                           | st.fixed_dictionaries({"name": json_values})}),
                   "response_format": st.fixed_dictionaries(
                       {"type": st.sampled_from(["text", "json_object", "json_schema"])})}),
     "completions": body({"model": model, "max_tokens": small,
