@@ -22,7 +22,16 @@ token id (``choices[].logprobs.content``); plus ``policy_version``. The Response
 carries ``prompt_token_ids``, ``output_token_ids``, ``output_token_logprobs``.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with a 4xx
-status for client mistakes (bad JSON, unknown model, context too long, malformed tools).
+status for client mistakes (bad JSON, unknown model, context too long, malformed tools);
+a client error is never a 5xx. Before any work, a request is screened and parsed: 401
+without the key (compared in constant time), 403 for a cross-origin browser request, 415
+for a body that is not JSON, 413 over ``max_body_bytes``, 400 for JSON nested too deeply
+or a field of the wrong type or out of bounds (the typed requests of
+:mod:`lightning.serving._protocol`; ``param`` names the field). Tokenising runs in a
+worker thread, one prompt at a time, and a stream's request is checked against the
+context before its 200 is sent. Events captured server-side are validated by the daemon
+before they are stored; a refusal is a 400 (409 for a rollout id in use, 404 for a
+rollout that is not open). A host that is not loopback needs an ``api_key``.
 
 A request may also name its rollout with the header ``X-Lightning-Rollout-Id``: calls of
 clients that are not Python, or do not use the ``openai`` package, land in the same

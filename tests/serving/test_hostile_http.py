@@ -230,25 +230,35 @@ def test_keyed_server_compares_keys_on_every_route(live):
     assert r.status_code == 201
 
 
-def test_otlp_int_overflow_is_refused_per_event(live):
-    span = {"traceId": "1" * 32, "spanId": "2" * 16, "name": "agent",
+def _otlp(trace: str, **attrs):
+    span = {"traceId": trace * 32, "spanId": "2" * 16, "name": "agent",
             "startTimeUnixNano": "1", "endTimeUnixNano": "2",
-            "attributes": [{"key": "lightning.rollout", "value": {"boolValue": True}},
-                           {"key": "x", "value": {"intValue": "99999999999999999999999"}}]}
-    body = {"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}
+            "attributes": [{"key": k, "value": v} for k, v in attrs.items()]}
+    return {"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}
+
+
+def test_otlp_int_overflow_is_refused_per_event(live):
+    receiver = live.server.traces
+    receiver.assembler.idle_s = 0.001
+    before = dict(receiver.counters)
     seq = live.daemon._local_seq
-    r = live.post("/v1/traces", json=body)
-    assert r.status_code in (200, 400), r.text
-    for _ in range(2):  # later ingest still works, nothing half-stored
-        r = live.post("/v1/traces", json={"resourceSpans": []})
-        assert r.status_code == 200
-    rid = _start(live)
-    assert live.post(f"/v1/rollouts/{rid}/end", json={}).status_code == 200
-    assert live.daemon._local_seq >= seq + 2
-    _wal_replays(live)
-    r = live.post("/v1/traces", json={"resourceSpans": [{"scopeSpans": [{"spans": [
-        {**span, "traceId": "3" * 32, "startTimeUnixNano": "9" * 400}]}]}]})
-    assert r.status_code == 400, r.text
+    r = live.post("/v1/traces", json=_otlp("1", **{
+        "lightning.rollout.id": {"stringValue": "otlp-big"},
+        "lightning.rollout.attempt": {"intValue": "99999999999999999999999"}}))
+    assert r.status_code == 200, r.text
+    assert "invalid" in r.json()["partialSuccess"]["errorMessage"]
+    assert receiver.counters["rollouts_rejected"] == before.get("rollouts_rejected", 0) + 1
+    assert live.daemon._local_seq == seq  # nothing of it reached the log
+    r = live.post("/v1/traces", json=_otlp("3", **{
+        "lightning.rollout.id": {"stringValue": "otlp-ok"},
+        "lightning.rollout.attempt": {"intValue": "2"}}))
+    assert r.status_code == 200 and "partialSuccess" not in r.json(), r.text
+    assert live.daemon._local_seq == seq + 2  # start + end, no gap
+    state = _wal_replays(live)
+    assert "otlp-ok" in state.finished and "otlp-big" not in state.finished
+    huge_time = _otlp("4")
+    huge_time["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["startTimeUnixNano"] = "9" * 400
+    assert live.post("/v1/traces", json=huge_time).status_code == 400
 
 
 def test_non_loopback_listeners_need_a_key(tiny_dir):
