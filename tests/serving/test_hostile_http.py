@@ -275,3 +275,30 @@ def test_non_loopback_listeners_need_a_key(tiny_dir):
             await server.serve()
 
     anyio.run(main, backend="asyncio")
+
+
+def test_a_huge_prompt_does_not_stall_the_event_loop(live):
+    """Tokenising runs in a worker thread: the loop (ZeroMQ acks, /health) keeps going."""
+    big = {**CHAT, "messages": [{"role": "user", "content": "hello world " * 40_000}]}
+
+    async def go():
+        lags: list[float] = []
+        done = anyio.Event()
+
+        async def probe():
+            while not done.is_set():
+                t = time.perf_counter()
+                await anyio.sleep(0.005)
+                lags.append(time.perf_counter() - t - 0.005)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probe)
+            t0 = time.perf_counter()
+            r = await live.clients["open"].post("/v1/chat/completions", json=big)
+            elapsed = time.perf_counter() - t0
+            done.set()
+        return r, elapsed, lags
+
+    r, elapsed, lags = live.portal.call(go)
+    assert _err(r, 400)["code"] == "context_length_exceeded"
+    assert max(lags) < max(0.5, elapsed / 4), (max(lags), elapsed)
