@@ -33,8 +33,10 @@ import structlog
 from anyio.abc import TaskStatus
 
 from .._http import cross_origin, require_key
+from .._errors import ProtocolError
 from .._protocol import Event, Rejection
-from ._mapping import Assembler, to_events
+from . import _attributes as A
+from ._mapping import Assembler, Group, to_events
 from ._model import OtelSpan, OtlpDecodeError, OtlpTooLarge, decode_otlp
 
 logger = structlog.get_logger()
@@ -48,6 +50,15 @@ class IngestSink(Protocol):
     """What the receiver stores into: :class:`lightning._daemon.Daemon` fits."""
 
     def ingest_local(self, event: Event) -> Rejection | None: ...
+
+
+def _rollout_name(group: Group) -> str:
+    """The rollout id its spans name, else its trace (for a refusal message)."""
+    for span in group.spans:
+        rid = span.attributes.get(A.ROLLOUT_ID)
+        if isinstance(rid, str):
+            return rid
+    return f"of trace {group.trace_id}"
 
 
 def _status_pb(code: int, message: str) -> bytes:
@@ -133,7 +144,16 @@ class TraceReceiver:
     def _store(self, groups: list[Any]) -> list[str]:
         problems: list[str] = []
         for g in groups:
-            mapped = to_events(g, source="otlp")
+            try:
+                mapped = to_events(g, source="otlp")
+            except (ProtocolError, RecursionError, ValueError, TypeError) as exc:
+                # One rollout's spans that break the mapping (a 100k-deep JSON string, a
+                # token id beyond int32) are refused alone: the others, and the periodic
+                # flush that stores idle traces, carry on.
+                self.counters["rollouts_unmappable"] += 1
+                problems.append(f"rollout {_rollout_name(g)} could not be mapped and was "
+                                f"dropped: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
             if mapped is None:
                 self.counters["rollouts_skipped_delivered"] += 1
                 continue

@@ -309,7 +309,8 @@ class PolicyServer:
         except RequestError as exc:
             return _error(exc.status, str(exc), param=exc.param, code=exc.code)
         except ContextLengthError as exc:
-            return _error(400, str(exc), param="messages", code="context_length_exceeded")
+            return _error(400, str(exc), param=_PROMPT_FIELD[endpoint],
+                          code="context_length_exceeded")
         except InvalidRequestError as exc:
             return _error(400, str(exc))
         except ProtocolError as exc:
@@ -1020,6 +1021,7 @@ def _too_large(size: int, limit: int) -> RequestError:
                         "(PolicyServer max_body_bytes)", code="body_too_large", status=413)
 
 
+_PROMPT_FIELD = {"chat.completions": "messages", "completions": "prompt", "responses": "input"}
 _CAPTURE_STATUS = {"duplicate_rollout": 409, "rollout_finished": 409, "unknown_rollout": 404}
 
 

@@ -302,3 +302,22 @@ def test_a_huge_prompt_does_not_stall_the_event_loop(live):
     r, elapsed, lags = live.portal.call(go)
     assert _err(r, 400)["code"] == "context_length_exceeded"
     assert max(lags) < max(0.5, elapsed / 4), (max(lags), elapsed)
+
+
+def test_otlp_rollout_that_cannot_be_mapped_is_refused_alone(live):
+    """A rollout whose spans break the mapping (a 100k-deep JSON string attribute) is
+    counted and reported; the receiver, its flush loop and other rollouts carry on."""
+    receiver = live.server.traces
+    receiver.assembler.idle_s = 0.001
+    deep = "[" * 100_000 + "]" * 100_000
+    bad = _otlp("5", **{"lightning.rollout.id": {"stringValue": "otlp-deep"},
+                        "gen_ai.operation.name": {"stringValue": "chat"},
+                        "gen_ai.input.messages": {"stringValue": deep}})
+    good = _otlp("6", **{"lightning.rollout.id": {"stringValue": "otlp-fine"}})
+    bad["resourceSpans"] += good["resourceSpans"]
+    r = live.post("/v1/traces", json=bad)
+    assert r.status_code == 200, r.text
+    assert "otlp-deep" in r.json()["partialSuccess"]["errorMessage"]
+    assert receiver.counters["rollouts_unmappable"] >= 1
+    assert "otlp-fine" in live.daemon.state.finished
+    assert "otlp-deep" not in live.daemon.state.finished
