@@ -23,8 +23,8 @@ import os
 import time
 import uuid
 from collections import Counter, deque
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -327,8 +327,9 @@ class Daemon:
             self._data_dir, max_finished_remembered=self.config.max_finished_remembered,
             quarantine=quarantine,
         )
-        # Moved aside, not only skipped: the next compaction (at serve, once the log is
-        # open) drops the log segments that still hold the quarantined records.
+        # Moved aside, not only skipped: the compaction at serve (once the log is open)
+        # drops the log segments that still hold them (a crash before it quarantines the
+        # same records again at the next start: a copy, nothing applied twice).
         self._quarantined_at_start = len(quarantined)
         self.state = state
         self.buffer.committed_through = committed
@@ -342,6 +343,7 @@ class Daemon:
                 uncommitted=len(pending),
                 open_rollouts=len(state.open),
                 clients=len(state.hwm),
+                quarantined=self._quarantined_at_start,
                 seconds=round(time.perf_counter() - t0, 3),
             )
 
