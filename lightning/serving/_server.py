@@ -349,6 +349,27 @@ class PolicyServer:
                       max_model_len=self.engine.max_model_len, max_num_seqs=MAX_CHOICES,
                       max_top_logprobs=self.max_top_logprobs, seed_rng=None)
 
+    def _refuse_overlong(self, texts: Any) -> None:
+        """Refuse a text that cannot fit before tokenising all of it: a 10 MB prompt is
+        told so in milliseconds instead of after seconds of CPU. A text longer than
+        ``16 * max_model_len`` characters is over the context if its first that many
+        characters alone already take more than ``max_model_len`` tokens (the prompt
+        holds all of them; a margin covers the word cut at the end).
+
+        Raises:
+            ContextLengthError: such a text.
+        """
+        limit = self.engine.max_model_len
+        head = 16 * limit
+        for text in texts:
+            if isinstance(text, str) and len(text) > head:
+                n = len(self.engine.tokenizer.encode(text[:head], add_special_tokens=False))
+                if n > limit + _CUT_MARGIN:
+                    raise ContextLengthError(
+                        f"the prompt has a text of {len(text)} characters whose first {head} "
+                        f"alone are {n} tokens: more than max_model_len {limit}; shorten it",
+                        limit=limit, requested=n)
+
     async def _tokenize(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a tokenising step off the event loop (one at a time: a 10 MB prompt then
         delays other prompts, not ZeroMQ acks or /health)."""
@@ -434,6 +455,7 @@ class PolicyServer:
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], bool]:
         messages = normalize_chat_messages(msgspec.to_builtins(req.messages))
+        self._refuse_overlong(m["content"] for m in messages)
         tools = normalize_tools(req.tools)
         tools, forced = apply_tool_choice(tools, msgspec.to_builtins(req.tool_choice))
         instruction = response_format_instruction(req.response_format)
@@ -567,6 +589,7 @@ class PolicyServer:
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         """Token ids of each prompt (runs in a worker thread: it may tokenise)."""
         tok = self.engine.tokenizer
+        self._refuse_overlong([prompt] if isinstance(prompt, str) else prompt)
         if isinstance(prompt, str):
             return [tok.encode(prompt, add_special_tokens=False)]
         if all(_is_token_id(p) for p in prompt):
@@ -704,6 +727,7 @@ class PolicyServer:
 
     def _responses_prompt(self, req: ResponsesRequest) -> tuple[list[int], bool]:
         messages = responses_input_to_messages(req.input, req.instructions)
+        self._refuse_overlong(m["content"] for m in messages)
         tools = responses_tools_to_chat(req.tools)
         choice = _responses_tool_choice(msgspec.to_builtins(req.tool_choice))
         tools, forced = apply_tool_choice(tools, choice)
@@ -1021,6 +1045,7 @@ def _too_large(size: int, limit: int) -> RequestError:
                         "(PolicyServer max_body_bytes)", code="body_too_large", status=413)
 
 
+_CUT_MARGIN = 16  # tokens a text cut mid-word can take beyond its share of the whole
 _PROMPT_FIELD = {"chat.completions": "messages", "completions": "prompt", "responses": "input"}
 _CAPTURE_STATUS = {"duplicate_rollout": 409, "rollout_finished": 409, "unknown_rollout": 404}
 

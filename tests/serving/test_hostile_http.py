@@ -321,3 +321,14 @@ def test_otlp_rollout_that_cannot_be_mapped_is_refused_alone(live):
     assert receiver.counters["rollouts_unmappable"] >= 1
     assert "otlp-fine" in live.daemon.state.finished
     assert "otlp-deep" not in live.daemon.state.finished
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_a_10mb_prompt_is_refused_without_tokenising_it_all(live, route):
+    text = "hello world " * 833_334
+    body = {"model": "tiny", "max_tokens": 2, "prompt": text, "input": text,
+            "messages": [{"role": "user", "content": text}]}
+    t0 = time.perf_counter()
+    err = _err(live.post(route, content=msgspec.json.encode(body), headers=JSON), 400)
+    assert err["code"] == "context_length_exceeded" and "first 4096" in err["message"]
+    assert time.perf_counter() - t0 < 5.0  # tokenising all of it took 6.7-10.8 s here
