@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,14 @@ from ._protocol import (
     Transition,
     Welcome,
     check_hello,
+    decode_event,
     decode_message,
     encode_batch,
     encode_event,
     encode_message,
     pack_ids,
     pack_logprobs,
+    validate_event,
 )
 from ._transport.base import ServerTransport
 
@@ -117,12 +120,19 @@ class TrajectoryBuffer:
 
 
 def recover(
-    data_dir: str | os.PathLike, *, max_finished_remembered: int = 1_000_000
+    data_dir: str | os.PathLike, *, max_finished_remembered: int = 1_000_000,
+    quarantine: Callable[[bytes, str], None] | None = None,
 ) -> tuple[IngestState, list[Trajectory], int]:
     """Rebuild the ingest state from a data directory without starting a daemon.
 
     Returns ``(state, trajectories not yet committed, committed_through)``. Used at
     start-up and by tools and tests that inspect what a daemon stored.
+
+    Recovery never refuses to start. A log record it cannot decode or apply is skipped,
+    counted (``wal_records_quarantined``), logged, and handed to ``quarantine(record,
+    reason)`` (the daemon moves it aside); a sequence gap between records (a record
+    lost, or never written) is accepted and counted (``wal_gaps_replayed``), since what
+    follows it was acknowledged.
     """
     wal_dir = Path(data_dir) / "wal"
     committed = _read_cursor(Path(data_dir))
@@ -137,18 +147,67 @@ def recover(
         wal_from = snap.wal_from
     if not wal_dir.exists():
         return state, pending, committed
-    decoder = msgspec.msgpack.Decoder(Batch)
     log = AppendLog(wal_dir)
     try:
         for frame in log.iter_from(wal_from):
-            result = state.apply(decoder.decode(frame))
-            pending.extend(t for t in result.completed if t.index > committed)
+            try:
+                completed = _replay(state, frame)
+            except Exception as exc:  # noqa: BLE001 - any record recovery cannot apply
+                reason = f"{type(exc).__qualname__}: {exc}"
+                state.counters["wal_records_quarantined"] += 1
+                logger.error("daemon.wal_record_quarantined", bytes=len(frame),
+                             reason=reason[:500], consequence="this record is not replayed; "
+                             "it is kept in the data directory's quarantine/ folder")
+                if quarantine is not None:
+                    quarantine(bytes(frame), reason)
+                continue
+            pending.extend(t for t in completed if t.index > committed)
     finally:
         log.close()
     return state, pending, committed
 
 
+_wal_decoder = msgspec.msgpack.Decoder(Batch)
+
+
+def _replay(state: IngestState, frame: bytes) -> list[Trajectory]:
+    """Apply one write-ahead log record; a gap before it is accepted (and counted)."""
+    batch = _wal_decoder.decode(frame)
+    try:
+        state.check_gap(batch)
+    except GapError:
+        state.counters["wal_gaps_replayed"] += 1
+        batch = msgspec.structs.replace(batch, resync=True)
+    return state.apply(batch).completed
+
+
+def check_local_event(event: Event, *, max_bytes: int) -> tuple[bytes, Event]:
+    """``(encoded, decoded)`` of an event made inside the daemon, checked exactly as a
+    client's event is: encodable (no ints beyond 64 bits, no foreign types), at most
+    ``max_bytes``, of the wire types (a Struct built in Python is not type-checked), and
+    structurally valid (:func:`validate_event`). What passes replays from the log.
+
+    Raises:
+        ProtocolError: code ``invalid`` or ``too_large``, naming the field.
+    """
+    kind = type(event).__name__
+    try:
+        data = encode_event(event)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"invalid {kind}: {exc}", code="invalid") from exc
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{kind} of {len(data)} bytes exceeds the daemon's limit of "
+                            f"{max_bytes} (--max-frame-bytes)", code="too_large")
+    try:
+        checked = decode_event(data)
+    except RecursionError as exc:
+        raise ProtocolError(f"invalid {kind}: nested too deeply", code="invalid") from exc
+    validate_event(checked)
+    return data, checked
+
+
 _SNAPSHOT = "snapshot.msgpack"
+_QUARANTINE = "quarantine"
 _snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
 
 
@@ -196,6 +255,7 @@ class Daemon:
         # keeps them (the consumer may hold them without having used them yet)
         self._uncommitted: dict[int, Trajectory] = {}
         self._wal_compacted_at = 0
+        self._quarantined_at_start = 0
 
     # ------------------------------------------------------------------ service
 
@@ -203,6 +263,8 @@ class Daemon:
         cfg = self.config
         self._recover()
         self._wal = AppendLog(self._data_dir / "wal")
+        if self._quarantined_at_start:
+            self.compact()
         transport = self._transport
         owned = transport is None  # a transport passed in is the caller's to close
         if transport is None:
@@ -250,9 +312,25 @@ class Daemon:
 
     def _recover(self) -> None:
         t0 = time.perf_counter()
+        quarantined: list[int] = []
+
+        def quarantine(record: bytes, reason: str) -> None:
+            log = AppendLog(self._data_dir / _QUARANTINE)
+            try:
+                log.append(record)
+                log.sync()
+            finally:
+                log.close()
+            quarantined.append(len(record))
+
         state, pending, committed = recover(
-            self._data_dir, max_finished_remembered=self.config.max_finished_remembered
+            self._data_dir, max_finished_remembered=self.config.max_finished_remembered,
+            quarantine=quarantine,
         )
+        # Moved aside, not only skipped: the compaction at serve (once the log is open)
+        # drops the log segments that still hold them (a crash before it quarantines the
+        # same records again at the next start: a copy, nothing applied twice).
+        self._quarantined_at_start = len(quarantined)
         self.state = state
         self.buffer.committed_through = committed
         for t in pending:
@@ -265,30 +343,37 @@ class Daemon:
                 uncommitted=len(pending),
                 open_rollouts=len(state.open),
                 clients=len(state.hwm),
+                quarantined=self._quarantined_at_start,
                 seconds=round(time.perf_counter() - t0, 3),
             )
 
     # ------------------------------------------------------------ local ingest
 
     def ingest_local(self, event: Event) -> Rejection | None:
-        """Store an event produced inside the daemon (server-side capture).
+        """Store an event produced inside the daemon (server-side capture, OTLP).
 
-        Same path as a client's: validated, written to the write-ahead log, applied.
-        Returns the rejection if the event was refused.
+        Validate before durable: the event is encoded and decoded back through the wire
+        types and checked like a client's (:func:`check_local_event`) before anything
+        changes; a refused event takes no sequence number and never reaches the
+        write-ahead log. Then, as for a client: append to the log, apply, return the
+        state's rejection if it refused the event (that refusal replays the same way).
         """
         wal = self._wal
         if wal is None:
             raise RuntimeError("the daemon is not serving: start Daemon.serve first")
-        self._local_seq += 1
-        frame = encode_batch(self._local_id, self._local_seq, [encode_event(event)])
-        wal.append(frame)
+        try:
+            data, event = check_local_event(event, max_bytes=self.config.max_frame_bytes)
+        except ProtocolError as exc:
+            self.state.counters["rejected." + exc.code] += 1
+            return Rejection(seq=0, code=exc.code, reason=str(exc))
+        seq = self._local_seq + 1
+        wal.append(encode_batch(self._local_id, seq, [data]))
         if self.config.fsync == "always":
             wal.sync()
         else:
             wal.flush()
-        result = self.state.apply(
-            Batch(client_id=self._local_id, first_seq=self._local_seq, events=[event])
-        )
+        self._local_seq = seq
+        result = self.state.apply(Batch(client_id=self._local_id, first_seq=seq, events=[event]))
         for traj in result.completed:
             self._completed(traj)
         return result.rejected[0] if result.rejected else None
@@ -498,16 +583,25 @@ class LocalCapture:
     def _ingest(self, event: Event) -> None:
         rejection = self._daemon.ingest_local(event)
         if rejection is not None:
-            raise ValueError(rejection.reason)
+            raise ProtocolError(rejection.reason, code=rejection.code)
+
+    def _recorded(self, rollout_id: str) -> int:
+        """Transitions recorded so far in the open rollout ``rollout_id``."""
+        o = self._daemon.state.open.get(rollout_id)
+        if o is None:
+            raise ProtocolError(f"rollout {rollout_id} is not open (unknown, or it ended "
+                                "while this request ran)", code="unknown_rollout")
+        return len(o.transitions)
 
     def start_rollout(self, *, rollout_id: str, name: str, group_key: str | None,
                       attempt: int, metadata: dict[str, Any]) -> None:
+        """Raises :class:`ProtocolError` (its ``code`` says why) if it was refused."""
         self._ingest(RolloutStart(rollout_id=rollout_id, name=name, group_key=group_key,
                                   attempt=attempt, metadata=metadata, started_at=time.time()))
 
     def record_transition(self, rollout_id: str, *, prompt_ids: Any, response_ids: Any,
                           logprobs: Any, **fields: Any) -> int:
-        index = len(self._daemon.state.open[rollout_id].transitions)
+        index = self._recorded(rollout_id)
         self._ingest(Transition(
             rollout_id=rollout_id, index=index, prompt_ids=pack_ids(prompt_ids),
             response_ids=pack_ids(response_ids), logprobs=pack_logprobs(logprobs),
@@ -516,13 +610,13 @@ class LocalCapture:
 
     def record_reward(self, rollout_id: str, value: float, name: str,
                       components: dict[str, float]) -> None:
-        after = len(self._daemon.state.open[rollout_id].transitions)
         self._ingest(Reward(rollout_id=rollout_id, value=value, name=name,
-                            components=components, after=after, created_at=time.time()))
+                            components=components, after=self._recorded(rollout_id),
+                            created_at=time.time()))
 
     def end_rollout(self, rollout_id: str, *, status: str, final_reward: float | None,
                     error: str | None) -> int:
-        n = len(self._daemon.state.open[rollout_id].transitions)
+        n = self._recorded(rollout_id)
         self._ingest(RolloutEnd(rollout_id=rollout_id, status=status, final_reward=final_reward,
                                 error=error, n_transitions=n, ended_at=time.time()))
         return n

@@ -350,6 +350,7 @@ def check_request(
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+    params = _typed(params)
     prompt = [int(t) for t in prompt_token_ids]
     if not prompt:
         raise InvalidRequestError("the prompt is empty: send at least one token id")
@@ -392,6 +393,20 @@ def check_request(
     if seed is None:
         seed = seed_rng.getrandbits(63) if seed_rng else secrets.randbits(63)
     return prompt, params, max_tokens, seed
+
+
+def _typed(params: SamplingParams) -> SamplingParams:
+    """``params`` with every field of its declared type (a Struct built in Python is not
+    type-checked): a ``seed=1.5`` must fail its own request here, not the engine step it
+    would share with others.
+
+    Raises:
+        InvalidRequestError: a field of the wrong type, naming it.
+    """
+    try:
+        return msgspec.convert(msgspec.structs.asdict(params), SamplingParams)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"invalid sampling parameters: {exc}") from exc
 
 
 def render_chat(

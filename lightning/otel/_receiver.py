@@ -22,6 +22,7 @@ calls without token ids are stored as text, ``trainable=False``, and said once.
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections import Counter
 from typing import Any, Protocol
@@ -31,8 +32,11 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
+from .._http import cross_origin, require_key
+from .._errors import ProtocolError
 from .._protocol import Event, Rejection
-from ._mapping import Assembler, to_events
+from . import _attributes as A
+from ._mapping import Assembler, Group, to_events
 from ._model import OtelSpan, OtlpDecodeError, OtlpTooLarge, decode_otlp
 
 logger = structlog.get_logger()
@@ -46,6 +50,15 @@ class IngestSink(Protocol):
     """What the receiver stores into: :class:`lightning._daemon.Daemon` fits."""
 
     def ingest_local(self, event: Event) -> Rejection | None: ...
+
+
+def _rollout_name(group: Group) -> str:
+    """The rollout id its spans name, else its trace (for a refusal message)."""
+    for span in group.spans:
+        rid = span.attributes.get(A.ROLLOUT_ID)
+        if isinstance(rid, str):
+            return rid
+    return f"of trace {group.trace_id}"
 
 
 def _status_pb(code: int, message: str) -> bytes:
@@ -131,7 +144,16 @@ class TraceReceiver:
     def _store(self, groups: list[Any]) -> list[str]:
         problems: list[str] = []
         for g in groups:
-            mapped = to_events(g, source="otlp")
+            try:
+                mapped = to_events(g, source="otlp")
+            except (ProtocolError, RecursionError, ValueError, TypeError) as exc:
+                # One rollout's spans that break the mapping (a 100k-deep JSON string, a
+                # token id beyond int32) are refused alone: the others, and the periodic
+                # flush that stores idle traces, carry on.
+                self.counters["rollouts_unmappable"] += 1
+                problems.append(f"rollout {_rollout_name(g)} could not be mapped and was "
+                                f"dropped: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
             if mapped is None:
                 self.counters["rollouts_skipped_delivered"] += 1
                 continue
@@ -189,10 +211,14 @@ class TraceReceiver:
                 body, mt = _status_pb(code, message), "application/x-protobuf"
             return Response(body, status_code=status, media_type=mt, headers=headers or None)
 
-        if self.api_key is not None and (
-                request.headers.get("authorization", "") != f"Bearer {self.api_key}"):
+        if self.api_key is not None and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(),
+                f"Bearer {self.api_key}".encode()):
             return error(401, 16, "invalid or missing API key: send 'Authorization: Bearer KEY' "
                          "(the collector's otlphttp exporter: headers: Authorization)")
+        refused = cross_origin(request)
+        if refused is not None:
+            return error(403, 7, refused)
         if ctype.split(";", 1)[0].strip().lower() not in ("application/json",
                                                          "application/x-protobuf"):
             return error(415, 3, f"unsupported Content-Type {ctype!r}: OTLP/HTTP is "
@@ -216,6 +242,10 @@ class TraceReceiver:
             return error(413, 8, str(exc))
         except OtlpDecodeError as exc:
             return error(400, 3, f"malformed OTLP trace export: {exc}")
+        except RecursionError:
+            return error(400, 3, "malformed OTLP trace export: nested too deeply")
+        except OverflowError as exc:  # e.g. nanoseconds beyond what a float holds
+            return error(400, 3, f"malformed OTLP trace export: a number is out of range ({exc})")
         except ImportError as exc:
             return error(415, 3, str(exc))
         try:
@@ -280,9 +310,12 @@ class TraceReceiver:
 
         Raises:
             OSError: the port could not be bound.
+            ConfigError: ``host`` is not loopback and there is no ``api_key``.
         """
         import uvicorn
         from starlette.applications import Starlette
+
+        require_key(host, self.api_key, "OTLP traces")
 
         app = Starlette(routes=self.routes())
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",

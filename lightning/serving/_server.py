@@ -22,7 +22,16 @@ token id (``choices[].logprobs.content``); plus ``policy_version``. The Response
 carries ``prompt_token_ids``, ``output_token_ids``, ``output_token_logprobs``.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with a 4xx
-status for client mistakes (bad JSON, unknown model, context too long, malformed tools).
+status for client mistakes (bad JSON, unknown model, context too long, malformed tools);
+a client error is never a 5xx. Before any work, a request is screened and parsed: 401
+without the key (compared in constant time), 403 for a cross-origin browser request, 415
+for a body that is not JSON, 413 over ``max_body_bytes``, 400 for JSON nested too deeply
+or a field of the wrong type or out of bounds (the typed requests of
+:mod:`lightning.serving._protocol`; ``param`` names the field). Tokenising runs in a
+worker thread, one prompt at a time, and a stream's request is checked against the
+context before its 200 is sent. Events captured server-side are validated by the daemon
+before they are stored; a refusal is a 400 (409 for a rollout id in use, 404 for a
+rollout that is not open). A host that is not loopback needs an ``api_key``.
 
 A request may also name its rollout with the header ``X-Lightning-Rollout-Id``: calls of
 clients that are not Python, or do not use the ``openai`` package, land in the same
@@ -31,9 +40,11 @@ trajectory as the runtime's.
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 import uuid
+from urllib.parse import quote
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -46,6 +57,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .._errors import ProtocolError
+from .._http import cross_origin, is_json, require_key
 from ..engine.base import (
     ContextLengthError,
     EngineClosedError,
@@ -53,6 +66,7 @@ from ..engine.base import (
     InferenceEngine,
     InvalidRequestError,
     SamplingParams,
+    check_request,
 )
 from ..otel._receiver import TraceReceiver
 from ._chat import (
@@ -67,6 +81,16 @@ from ._chat import (
     responses_tools_to_chat,
     sampling_stop,
     with_system_instruction,
+)
+from ._protocol import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponsesRequest,
+    RewardRequest,
+    RolloutEndRequest,
+    RolloutStartRequest,
+    parse_body,
 )
 
 logger = structlog.get_logger()
@@ -128,6 +152,7 @@ class PolicyServer:
         max_top_logprobs: int = 20,
         traces: TraceReceiver | None = None,
         otlp: bool = True,
+        max_body_bytes: int = 32 << 20,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -146,8 +171,10 @@ class PolicyServer:
             if daemon is not None and hasattr(daemon, "ingest_local"):
                 traces = TraceReceiver(daemon)
         self.traces = traces if otlp else None
+        self.max_body_bytes = max_body_bytes
         self.ready = False
         self._token_text: dict[int, str] = {}
+        self._tokenizer_limiter = anyio.CapacityLimiter(1)
         self.app = self._build_app()
         self.base_url = f"http://{host}:{port}/v1"
 
@@ -182,8 +209,14 @@ class PolicyServer:
         return _error(405, f"method {request.method} not allowed on {request.url.path}")
 
     async def serve(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; then stop accepting, finish (<= 2 s) and close sockets."""
+        """Serve until cancelled; then stop accepting, finish (<= 2 s) and close sockets.
+
+        Raises:
+            ConfigError: ``host`` is not loopback and there is no ``api_key``.
+        """
         import uvicorn
+
+        require_key(self.host, self.api_key, "the policy server")
 
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
                                 access_log=False, lifespan="off", timeout_graceful_shutdown=2)
@@ -222,28 +255,34 @@ class PolicyServer:
                 with anyio.CancelScope(shield=True):
                     await done.wait()
 
-    def _check_auth(self, request: Request) -> Response | None:
-        if self.api_key is None:
-            return None
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
-            return _error(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                          type_="authentication_error", code="invalid_api_key")
+    def _screen(self, request: Request, *, json_body: bool = True) -> Response | None:
+        """Refuse a request before reading it: a missing or wrong key (401, compared in
+        constant time), a cross-origin browser request (403), a body that is not JSON
+        (415; an empty body is fine where the route allows one)."""
+        if self.api_key is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                return _error(401, "invalid or missing API key: send 'Authorization: Bearer "
+                              "KEY'", type_="authentication_error", code="invalid_api_key")
+        refused = cross_origin(request)
+        if refused is not None:
+            return _error(403, refused, type_="permission_error", code="cross_origin")
+        if json_body and not is_json(request.headers.get("content-type")) and (
+                request.headers.get("content-length", "0") != "0"
+                or "transfer-encoding" in request.headers):
+            return _error(415, "send the body as JSON with 'Content-Type: application/json'",
+                          param="content-type", code="unsupported_media_type")
         return None
 
-    async def _body(self, request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise RequestError(f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise RequestError("request body must be a JSON object")
-        return body
+    async def _read(self, request: Request, kind: type[Any]) -> Any:
+        """The body of ``request`` as ``kind``, at most ``max_body_bytes`` read (413)."""
+        raw = await read_limited(request, self.max_body_bytes)
+        if len(raw) < 1 << 16:
+            return parse_body(raw, kind)
+        return await anyio.to_thread.run_sync(parse_body, raw, kind)  # big: off the loop
 
-    def _check_model(self, body: dict[str, Any]) -> None:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
+    def _check_model(self, model: str) -> None:
+        if not model:
             raise RequestError("model is required", param="model")
         if model in self.aliases:
             return
@@ -266,58 +305,84 @@ class PolicyServer:
                                status=404)
         return rid or None
 
-    async def _guard(self, request: Request, handler: Callable[..., Any], endpoint: str) -> Response:
-        denied = self._check_auth(request)
+    async def _guard(self, request: Request, handler: Callable[..., Any], endpoint: str,
+                     kind: type[Any]) -> Response:
+        denied = self._screen(request)
         if denied is not None:
             return denied
         try:
-            body = await self._body(request)
-            self._check_model(body)
+            req = await self._read(request, kind)
+            self._check_model(req.model)
             ctx = _Ctx(self._rollout_of(request), endpoint)
-            return await handler(body, ctx)
+            return await handler(req, ctx)
         except RequestError as exc:
             return _error(exc.status, str(exc), param=exc.param, code=exc.code)
         except ContextLengthError as exc:
-            return _error(400, str(exc), param="messages", code="context_length_exceeded")
+            return _error(400, str(exc), param=_PROMPT_FIELD[endpoint],
+                          code="context_length_exceeded")
         except InvalidRequestError as exc:
             return _error(400, str(exc))
+        except ProtocolError as exc:
+            return _capture_refused(exc)
         except EngineClosedError as exc:
             return _error(503, f"the engine is not serving: {exc}", type_="server_error",
                           code="engine_unavailable")
 
     # ------------------------------------------------------------------ sampling
 
-    def _params(self, body: dict[str, Any], *, max_tokens_keys: tuple[str, ...],
-                top_logprobs: int, n: int = 1) -> SamplingParams:
+    def _params(self, req: Any, *, max_tokens: int | None, top_logprobs: int,
+                n: int = 1) -> SamplingParams:
         for key in ("frequency_penalty", "presence_penalty"):
-            v = body.get(key)
-            if v not in (None, 0, 0.0):
+            if getattr(req, key) not in (None, 0.0):
                 raise RequestError(f"{key} is not supported by this server (use 0)", param=key)
-        if body.get("logit_bias"):
+        if req.logit_bias:
             raise RequestError("logit_bias is not supported by this server", param="logit_bias")
-        max_tokens = None
-        for key in max_tokens_keys:
-            if body.get(key) is not None:
-                max_tokens = body[key]
-                break
         if top_logprobs > self.max_top_logprobs:
             raise RequestError(f"top_logprobs must be <= {self.max_top_logprobs}",
                                param="top_logprobs")
-        temperature = body.get("temperature")
-        top_p = body.get("top_p")
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if temperature is None else float(temperature),
-                top_p=1.0 if top_p is None else float(top_p),
-                top_k=int(body.get("top_k") or 0),
-                stop=sampling_stop(body.get("stop")),
-                seed=body.get("seed"),
-                n=n,
-                top_logprobs=top_logprobs,
-            )
-        except (TypeError, ValueError) as exc:
-            raise RequestError(str(exc)) from exc
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            stop=sampling_stop(req.stop),
+            seed=req.seed,
+            n=n,
+            top_logprobs=top_logprobs,
+        )
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """The engine's own request check, before a stream's 200 is sent (an error after
+        it could only be an SSE event): vocabulary, context length, ``n``."""
+        check_request(prompt_ids, params, vocab_size=len(self.engine.tokenizer),
+                      max_model_len=self.engine.max_model_len, max_num_seqs=MAX_CHOICES,
+                      max_top_logprobs=self.max_top_logprobs, seed_rng=None)
+
+    def _refuse_overlong(self, texts: Any) -> None:
+        """Refuse a text that cannot fit before tokenising all of it: a 10 MB prompt is
+        told so in milliseconds instead of after seconds of CPU. A text longer than
+        ``16 * max_model_len`` characters is over the context if its first that many
+        characters alone already take more than ``max_model_len`` tokens (the prompt
+        holds all of them; a margin covers the word cut at the end).
+
+        Raises:
+            ContextLengthError: such a text.
+        """
+        limit = self.engine.max_model_len
+        head = 16 * limit
+        for text in texts:
+            if isinstance(text, str) and len(text) > head:
+                n = len(self.engine.tokenizer.encode(text[:head], add_special_tokens=False))
+                if n > limit + _CUT_MARGIN:
+                    raise ContextLengthError(
+                        f"the prompt has a text of {len(text)} characters whose first {head} "
+                        f"alone are {n} tokens: more than max_model_len {limit}; shorten it",
+                        limit=limit, requested=n)
+
+    async def _tokenize(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a tokenising step off the event loop (one at a time: a 10 MB prompt then
+        delays other prompts, not ZeroMQ acks or /health)."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._tokenizer_limiter)
 
     def _token_str(self, tid: int) -> str:
         s = self._token_text.get(tid)
@@ -368,7 +433,7 @@ class PolicyServer:
     # ------------------------------------------------------------------ routes
 
     async def _traces(self, request: Request) -> Response:
-        denied = self._check_auth(request)
+        denied = self._screen(request, json_body=False)  # the receiver checks its types
         if denied is not None:
             return denied
         return await self.traces.handle(request)  # type: ignore[union-attr]
@@ -382,7 +447,7 @@ class PolicyServer:
         return JSONResponse({"status": "ready", "policy_version": self.engine.policy_version})
 
     async def _models(self, request: Request) -> Response:
-        denied = self._check_auth(request)
+        denied = self._screen(request, json_body=False)
         if denied is not None:
             return denied
         return JSONResponse({"object": "list", "data": [{
@@ -394,30 +459,32 @@ class PolicyServer:
     # chat ------------------------------------------------------------------
 
     async def _chat(self, request: Request) -> Response:
-        return await self._guard(request, self._chat_impl, "chat.completions")
+        return await self._guard(request, self._chat_impl, "chat.completions",
+                                 ChatCompletionRequest)
 
-    def _chat_prompt(self, body: dict[str, Any]) -> tuple[list[int], bool]:
-        messages = normalize_chat_messages(body.get("messages"))
-        tools = normalize_tools(body.get("tools"))
-        tools, forced = apply_tool_choice(tools, body.get("tool_choice"))
-        instruction = response_format_instruction(body.get("response_format"))
+    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], bool]:
+        messages = normalize_chat_messages(msgspec.to_builtins(req.messages))
+        self._refuse_overlong(m["content"] for m in messages)
+        tools = normalize_tools(req.tools)
+        tools, forced = apply_tool_choice(tools, msgspec.to_builtins(req.tool_choice))
+        instruction = response_format_instruction(req.response_format)
         messages = with_system_instruction(messages, "\n\n".join(filter(None, [forced, instruction])))
         return self.engine.apply_chat_template(messages, tools=tools), bool(tools)
 
-    async def _chat_impl(self, body: dict[str, Any], ctx: _Ctx) -> Response:
+    async def _chat_impl(self, req: ChatCompletionRequest, ctx: _Ctx) -> Response:
         self._check_capture_target(ctx)
-        prompt_ids, has_tools = self._chat_prompt(body)
-        want_lp = bool(body.get("logprobs"))
-        top = int(body.get("top_logprobs") or 0) if want_lp else 0
-        n = int(body.get("n") or 1)
-        params = self._params(body, max_tokens_keys=("max_completion_tokens", "max_tokens"),
-                              top_logprobs=top, n=n)
+        want_lp = bool(req.logprobs)
+        top = (req.top_logprobs or 0) if want_lp else 0
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = self._params(req, max_tokens=max_tokens, top_logprobs=top, n=req.n)
+        prompt_ids, has_tools = await self._tokenize(self._chat_prompt, req)
+        self._check_fits(prompt_ids, params)
         cid = "chatcmpl-" + uuid.uuid4().hex
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self.engine.generate_stream(prompt_ids, params)
             return self._sse(self._chat_stream(stream, prompt_ids, params, has_tools, want_lp,
-                                               include_usage, cid, ctx, body))
+                                               include_usage, cid, ctx, req))
         result = await self.engine.generate(prompt_ids, params)
         choices = []
         for c in result.choices:
@@ -438,11 +505,11 @@ class PolicyServer:
                 ]}
             choices.append(choice)
             self._capture(ctx, result.prompt_token_ids, c.token_ids, c.logprobs, c.policy_version,
-                          finish, {"request": _request_summary(body), "text": c.text,
+                          finish, {"request": _request_summary(req), "text": c.text,
                                    "tool_calls": calls, "choice_index": c.index})
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"], "choices": choices, "usage": _usage(result),
+            "model": req.model, "choices": choices, "usage": _usage(result),
             "prompt_token_ids": result.prompt_token_ids, "policy_version": result.policy_version,
             "system_fingerprint": f"lightning-v{result.policy_version}",
         })
@@ -450,9 +517,9 @@ class PolicyServer:
     async def _chat_stream(self, stream: AsyncIterator[Any], prompt_ids: list[int],
                            params: SamplingParams, has_tools: bool, want_lp: bool,
                            include_usage: bool, cid: str, ctx: _Ctx,
-                           body: dict[str, Any]) -> AsyncIterator[bytes]:
+                           req: Any) -> AsyncIterator[bytes]:
         created = int(time.time())
-        model = body["model"]
+        model = req.model
         filters = {i: ToolCallStreamFilter() for i in range(params.n)} if has_tools else {}
         acc = {i: _StreamedChoice(-1) for i in range(params.n)}
         first = True
@@ -500,7 +567,7 @@ class PolicyServer:
                 yield chunk([choice], policy_version=d.policy_version)
                 if finish is not None:
                     self._capture(ctx, prompt_ids, a.token_ids, a.logprobs, a.policy_version,
-                                  finish, {"request": _request_summary(body), "text": a.text,
+                                  finish, {"request": _request_summary(req), "text": a.text,
                                            "tool_calls": a.calls, "choice_index": d.index,
                                            "stream": True})
         if include_usage:
@@ -514,7 +581,7 @@ class PolicyServer:
             try:
                 async for item in gen:
                     yield item
-            except (InvalidRequestError, EngineClosedError, RequestError) as exc:
+            except (InvalidRequestError, EngineClosedError, RequestError, ProtocolError) as exc:
                 err = {"error": {"message": str(exc), "type": "invalid_request_error",
                                  "param": None, "code": None}}
                 yield b"data: " + _json.encode(err) + b"\n\n"
@@ -525,59 +592,71 @@ class PolicyServer:
     # completions ---------------------------------------------------------------
 
     async def _completions(self, request: Request) -> Response:
-        return await self._guard(request, self._completions_impl, "completions")
+        return await self._guard(request, self._completions_impl, "completions",
+                                 CompletionRequest)
 
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        """Token ids of each prompt (runs in a worker thread: it may tokenise)."""
         tok = self.engine.tokenizer
+        self._refuse_overlong([prompt] if isinstance(prompt, str) else prompt)
         if isinstance(prompt, str):
             return [tok.encode(prompt, add_special_tokens=False)]
-        if isinstance(prompt, list) and prompt:
-            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-                return [list(prompt)]
-            if all(isinstance(p, str) for p in prompt):
-                return [tok.encode(p, add_special_tokens=False) for p in prompt]
-            if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
-                   for p in prompt):
-                return [list(p) for p in prompt]
+        if all(_is_token_id(p) for p in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return [tok.encode(p, add_special_tokens=False) for p in prompt]
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
+            return [list(p) for p in prompt]
         raise RequestError(
             "prompt must be a string, a list of strings, a list of token ids or a list of "
             "token-id lists (non-empty)", param="prompt")
 
-    async def _completions_impl(self, body: dict[str, Any], ctx: _Ctx) -> Response:
+    async def _completions_impl(self, req: CompletionRequest, ctx: _Ctx) -> Response:
         self._check_capture_target(ctx)
-        if body.get("echo"):
+        if req.echo:
             raise RequestError("echo is not supported", param="echo")
-        if body.get("suffix"):
+        if req.suffix:
             raise RequestError("suffix is not supported", param="suffix")
-        if body.get("best_of") not in (None, 1):
+        if req.best_of not in (None, 1):
             raise RequestError("best_of is not supported", param="best_of")
-        prompts = self._completion_prompts(body.get("prompt"))
+        if not req.prompt:
+            raise RequestError("prompt is required (non-empty)", param="prompt")
+        n_prompts = 1 if isinstance(req.prompt, str) or _is_token_id(req.prompt[0]) else len(
+            req.prompt)
+        if n_prompts * req.n > MAX_CHOICES:
+            raise RequestError(f"{n_prompts} prompts x n={req.n} choices exceeds the "
+                               f"{MAX_CHOICES} choices one request may ask for", param="n")
+        want_lp = req.logprobs is not None
+        params = self._params(req, max_tokens=req.max_tokens or 16,  # OpenAI's default
+                              top_logprobs=req.logprobs or 0, n=req.n)
+        prompts = await self._tokenize(self._completion_prompts, req.prompt)
         vocab = len(self.engine.tokenizer)
         for p in prompts:
             bad = [t for t in p if not 0 <= t < vocab]
             if bad:
                 raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                                    param="prompt")
-        lp_k = body.get("logprobs")
-        want_lp = lp_k is not None
-        params = self._params(body, max_tokens_keys=("max_tokens",),
-                              top_logprobs=int(lp_k or 0), n=int(body.get("n") or 1))
-        if body.get("max_tokens") is None:
-            params = msgspec.structs.replace(params, max_tokens=16)  # OpenAI's default
+            self._check_fits(p, params)
         cid = "cmpl-" + uuid.uuid4().hex
-        if body.get("stream"):
+        if req.stream:
             if len(prompts) != 1:
                 raise RequestError("streaming supports a single prompt", param="prompt")
-            return self._sse(self._completions_stream(prompts[0], params, want_lp, cid, ctx, body))
+            return self._sse(self._completions_stream(prompts[0], params, want_lp, cid, ctx, req))
         results: list[GenerationResult] = []
         async with anyio.create_task_group() as tg:
             slots: list[Any] = [None] * len(prompts)
 
             async def run(i: int, p: list[int]) -> None:
-                slots[i] = await self.engine.generate(p, params)
+                try:
+                    slots[i] = await self.engine.generate(p, params)
+                except Exception as exc:  # noqa: BLE001 - raised below, not as a group
+                    slots[i] = exc
 
             for i, p in enumerate(prompts):
                 tg.start_soon(run, i, p)
+        for r in slots:
+            if isinstance(r, Exception):
+                raise r
         results = slots
         choices = []
         for pi, result in enumerate(results):
@@ -591,7 +670,7 @@ class PolicyServer:
                 })
                 self._capture(ctx, result.prompt_token_ids, c.token_ids, c.logprobs,
                               c.policy_version, c.finish_reason,
-                              {"request": _request_summary(body), "text": c.text,
+                              {"request": _request_summary(req), "text": c.text,
                                "choice_index": idx})
         usage = {"prompt_tokens": sum(len(r.prompt_token_ids) for r in results),
                  "completion_tokens": sum(len(c.token_ids) for r in results for c in r.choices)}
@@ -600,7 +679,7 @@ class PolicyServer:
             r.prompt_token_ids for r in results]
         return JSONResponse({
             "id": cid, "object": "text_completion", "created": int(time.time()),
-            "model": body["model"], "choices": choices, "usage": usage,
+            "model": req.model, "choices": choices, "usage": usage,
             "prompt_token_ids": prompt_ids,
             "policy_version": min(r.policy_version for r in results),
         })
@@ -622,7 +701,7 @@ class PolicyServer:
 
     async def _completions_stream(self, prompt_ids: list[int], params: SamplingParams,
                                   want_lp: bool, cid: str, ctx: _Ctx,
-                                  body: dict[str, Any]) -> AsyncIterator[bytes]:
+                                  req: Any) -> AsyncIterator[bytes]:
         created = int(time.time())
         acc = {i: _StreamedChoice(-1) for i in range(params.n)}
         first = True
@@ -636,7 +715,7 @@ class PolicyServer:
                           "logprobs": self._legacy_logprobs(d.token_ids, d.logprobs,
                                                             d.top_logprobs) if want_lp else None}
                 payload: dict[str, Any] = {"id": cid, "object": "text_completion",
-                                           "created": created, "model": body["model"],
+                                           "created": created, "model": req.model,
                                            "choices": [choice],
                                            "policy_version": d.policy_version}
                 if first:
@@ -645,7 +724,7 @@ class PolicyServer:
                 yield b"data: " + _json.encode(payload) + b"\n\n"
                 if d.finish_reason is not None:
                     self._capture(ctx, prompt_ids, a.token_ids, a.logprobs, a.policy_version,
-                                  a.finish_reason, {"request": _request_summary(body),
+                                  a.finish_reason, {"request": _request_summary(req),
                                                     "text": a.text, "choice_index": d.index,
                                                     "stream": True})
         yield b"data: [DONE]\n\n"
@@ -653,42 +732,48 @@ class PolicyServer:
     # responses ------------------------------------------------------------------
 
     async def _responses(self, request: Request) -> Response:
-        return await self._guard(request, self._responses_impl, "responses")
+        return await self._guard(request, self._responses_impl, "responses", ResponsesRequest)
 
-    async def _responses_impl(self, body: dict[str, Any], ctx: _Ctx) -> Response:
+    def _responses_prompt(self, req: ResponsesRequest) -> tuple[list[int], bool]:
+        messages = responses_input_to_messages(req.input, req.instructions)
+        self._refuse_overlong(m["content"] for m in messages)
+        tools = responses_tools_to_chat(req.tools)
+        choice = _responses_tool_choice(msgspec.to_builtins(req.tool_choice))
+        tools, forced = apply_tool_choice(tools, choice)
+        fmt = req.text.format if req.text is not None else None
+        instruction = response_format_instruction(fmt, "text.format")
+        messages = with_system_instruction(messages, "\n\n".join(filter(None, [forced, instruction])))
+        return self.engine.apply_chat_template(messages, tools=tools), bool(tools)
+
+    async def _responses_impl(self, req: ResponsesRequest, ctx: _Ctx) -> Response:
         self._check_capture_target(ctx)
-        if body.get("previous_response_id"):
+        if req.previous_response_id:
             raise RequestError(
                 "previous_response_id is not supported (responses are not stored): send the "
                 "whole conversation as input", param="previous_response_id")
-        messages = responses_input_to_messages(body.get("input"), body.get("instructions"))
-        tools = responses_tools_to_chat(body.get("tools"))
-        tools, forced = apply_tool_choice(tools, _responses_tool_choice(body.get("tool_choice")))
-        fmt = (body.get("text") or {}).get("format")
-        instruction = response_format_instruction(fmt, "text.format")
-        messages = with_system_instruction(messages, "\n\n".join(filter(None, [forced, instruction])))
-        prompt_ids = self.engine.apply_chat_template(messages, tools=tools)
-        params = self._params(body, max_tokens_keys=("max_output_tokens",), top_logprobs=0)
+        params = self._params(req, max_tokens=req.max_output_tokens, top_logprobs=0)
+        prompt_ids, has_tools = await self._tokenize(self._responses_prompt, req)
+        self._check_fits(prompt_ids, params)
         rid = "resp_" + uuid.uuid4().hex
         base = {
             "id": rid, "object": "response", "created_at": int(time.time()),
-            "model": body["model"], "instructions": body.get("instructions"),
-            "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "tool_choice": body.get("tool_choice") or "auto",
-            "tools": body.get("tools") or [], "temperature": params.temperature,
-            "top_p": params.top_p, "max_output_tokens": body.get("max_output_tokens"),
-            "text": body.get("text") or {"format": {"type": "text"}},
-            "metadata": body.get("metadata") or {}, "error": None,
+            "model": req.model, "instructions": req.instructions,
+            "parallel_tool_calls": req.parallel_tool_calls in (None, True),
+            "tool_choice": msgspec.to_builtins(req.tool_choice) or "auto",
+            "tools": req.tools or [], "temperature": params.temperature,
+            "top_p": params.top_p, "max_output_tokens": req.max_output_tokens,
+            "text": msgspec.to_builtins(req.text) if req.text else {"format": {"type": "text"}},
+            "metadata": req.metadata or {}, "error": None,
             "incomplete_details": None,
         }
-        if body.get("stream"):
-            return self._sse(self._responses_stream(prompt_ids, params, bool(tools), base, ctx,
-                                                    body))
+        if req.stream:
+            return self._sse(self._responses_stream(prompt_ids, params, has_tools, base, ctx,
+                                                    req))
         result = await self.engine.generate(prompt_ids, params)
         c = result.choices[0]
-        output = self._responses_output(c.text, bool(tools))
+        output = self._responses_output(c.text, has_tools)
         self._capture(ctx, result.prompt_token_ids, c.token_ids, c.logprobs, c.policy_version,
-                      c.finish_reason, {"request": _request_summary(body), "text": c.text,
+                      c.finish_reason, {"request": _request_summary(req), "text": c.text,
                                         "tool_calls": _calls_of(output)})
         return JSONResponse(self._response_object(base, output, result.prompt_token_ids, c,
                                                   "completed"))
@@ -728,7 +813,7 @@ class PolicyServer:
 
     async def _responses_stream(self, prompt_ids: list[int], params: SamplingParams,
                                 has_tools: bool, base: dict[str, Any], ctx: _Ctx,
-                                body: dict[str, Any]) -> AsyncIterator[bytes]:
+                                req: Any) -> AsyncIterator[bytes]:
         seq = 0
 
         def event(kind: str, **fields: Any) -> bytes:
@@ -788,73 +873,63 @@ class PolicyServer:
             output.append(fc)
         final = self._response_object(base, output, prompt_ids, c, "completed")
         self._capture(ctx, prompt_ids, c.token_ids, c.logprobs, c.policy_version,
-                      c.finish_reason, {"request": _request_summary(body), "text": c.text,
+                      c.finish_reason, {"request": _request_summary(req), "text": c.text,
                                         "tool_calls": _calls_of(output), "stream": True})
         yield event("response.completed" if final["status"] == "completed"
                     else "response.incomplete", response=final)
 
     # server-side rollouts ----------------------------------------------------------
 
-    async def _rollout_start(self, request: Request) -> Response:
-        denied = self._check_auth(request)
+    async def _rollout_route(self, request: Request, kind: type[Any],
+                             act: Callable[[Any], dict[str, Any]], status: int = 200) -> Response:
+        """Screen, parse as ``kind``, ``act`` on it (capture into the daemon): JSON reply."""
+        denied = self._screen(request)
         if denied is not None:
             return denied
-        if self.capture is None:
-            return _error(404, "this server has no capture sink: rollout routes are off")
         try:
-            body = await self._body(request) if await request.body() else {}
+            if self.capture is None:
+                raise RequestError("this server has no capture sink: rollout routes are off",
+                                   status=404)
+            return JSONResponse(act(await self._read(request, kind)), status_code=status)
         except RequestError as exc:
-            return _error(400, str(exc))
-        rid = body.get("rollout_id") or uuid.uuid4().hex
-        attempt = body.get("attempt", 0)
-        metadata = body.get("metadata") or {}
-        if not isinstance(rid, str) or not isinstance(attempt, int) or not isinstance(metadata, dict):
-            return _error(400, "rollout_id must be a string, attempt an integer, metadata an object")
-        try:
-            self.capture.start_rollout(rollout_id=rid, name=str(body.get("name") or "http"),
-                                       group_key=body.get("group_key"), attempt=attempt,
-                                       metadata=metadata)
-        except ValueError as exc:
-            return _error(409, str(exc), code="rollout_exists")
-        base = str(request.base_url).rstrip("/")
-        return JSONResponse({"rollout_id": rid, "base_url": f"{base}/rollouts/{rid}/v1"},
-                            status_code=201)
+            return _error(exc.status, str(exc), param=exc.param, code=exc.code)
+        except ProtocolError as exc:
+            return _capture_refused(exc)
+
+    async def _rollout_start(self, request: Request) -> Response:
+        def start(req: RolloutStartRequest) -> dict[str, Any]:
+            rid = req.rollout_id or uuid.uuid4().hex
+            self.capture.start_rollout(  # type: ignore[union-attr]
+                rollout_id=rid, name=req.name or "http", group_key=req.group_key,
+                attempt=req.attempt, metadata=req.metadata)
+            base = str(request.base_url).rstrip("/")
+            return {"rollout_id": rid, "base_url": f"{base}/rollouts/{quote(rid, safe='')}/v1"}
+
+        return await self._rollout_route(request, RolloutStartRequest, start, status=201)
 
     async def _rollout_reward(self, request: Request) -> Response:
-        denied = self._check_auth(request)
-        if denied is not None:
-            return denied
         rid = request.path_params["rollout_id"]
-        try:
-            body = await self._body(request)
-            value, name, components = _reward_of(body)
+
+        def reward(req: RewardRequest) -> dict[str, Any]:
+            value, name, components = _reward_of(req)
             self._require_open(rid)
             self.capture.record_reward(rid, value, name, components)  # type: ignore[union-attr]
-        except RequestError as exc:
-            return _error(exc.status, str(exc), param=exc.param, code=exc.code)
-        return JSONResponse({"rollout_id": rid, "recorded": True})
+            return {"rollout_id": rid, "recorded": True}
+
+        return await self._rollout_route(request, RewardRequest, reward)
 
     async def _rollout_end(self, request: Request) -> Response:
-        denied = self._check_auth(request)
-        if denied is not None:
-            return denied
         rid = request.path_params["rollout_id"]
-        try:
-            body = await self._body(request) if await request.body() else {}
-            final = body.get("final_reward")
-            if final is not None and (not isinstance(final, (int, float)) or isinstance(final, bool)
-                                      or not math.isfinite(final)):
+
+        def end(req: RolloutEndRequest) -> dict[str, Any]:
+            if req.final_reward is not None and not math.isfinite(req.final_reward):
                 raise RequestError("final_reward must be a finite number", param="final_reward")
-            status = body.get("status", "completed")
-            if status not in ("completed", "failed", "cancelled"):
-                raise RequestError("status must be completed, failed or cancelled", param="status")
             self._require_open(rid)
             n = self.capture.end_rollout(  # type: ignore[union-attr]
-                rid, status=status, final_reward=None if final is None else float(final),
-                error=body.get("error"))
-        except RequestError as exc:
-            return _error(exc.status, str(exc), param=exc.param, code=exc.code)
-        return JSONResponse({"rollout_id": rid, "n_transitions": n})
+                rid, status=req.status, final_reward=req.final_reward, error=req.error)
+            return {"rollout_id": rid, "n_transitions": n}
+
+        return await self._rollout_route(request, RolloutEndRequest, end)
 
     def _require_open(self, rid: str) -> None:
         if self.capture is None:
@@ -903,6 +978,10 @@ class _aclosing:
                 await aclose()
 
 
+def _is_token_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
 def _finite(v: float) -> float:
     return v if math.isfinite(v) else -9999.0
 
@@ -925,28 +1004,62 @@ def _responses_tool_choice(choice: Any) -> Any:
     return choice
 
 
-def _request_summary(body: dict[str, Any]) -> dict[str, Any]:
+def _request_summary(req: Any) -> dict[str, Any]:
+    """The request fields kept with a captured transition (as sent: unset ones left out)."""
     keep = ("messages", "prompt", "input", "instructions", "tools", "tool_choice", "n",
             "temperature", "top_p", "max_tokens", "max_completion_tokens", "max_output_tokens",
             "stop", "seed", "response_format")
-    return {k: body[k] for k in keep if k in body}
+    sent = msgspec.to_builtins(req)
+    return {k: sent[k] for k in keep if k in sent}
 
 
-def _reward_of(body: dict[str, Any]) -> tuple[float, str, dict[str, float]]:
-    value = body.get("value")
-    if isinstance(value, dict):
-        comps = {}
-        for k, v in value.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+def _reward_of(req: RewardRequest) -> tuple[float, str, dict[str, float]]:
+    if isinstance(req.value, dict):
+        comps = req.value
+        for k, v in comps.items():
+            if not math.isfinite(v):
                 raise RequestError(f"reward {k!r} must be a finite number", param="value")
-            comps[str(k)] = float(v)
-        primary = body.get("primary") or (next(iter(comps)) if len(comps) == 1 else None)
+        primary = req.primary or (next(iter(comps)) if len(comps) == 1 else None)
         if primary not in comps:
             raise RequestError("several rewards need primary=NAME naming one of them",
                                param="primary")
         return comps[primary], primary, comps
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not math.isfinite(req.value):
         raise RequestError("value must be a finite number (or an object of named rewards)",
                            param="value")
-    return float(value), str(body.get("name") or "reward"), {}
+    return req.value, req.name or "reward", {}
 
+
+async def read_limited(request: Any, limit: int) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes before reading it all.
+
+    Raises:
+        RequestError: status 413 when the declared or actual size exceeds ``limit``.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> RequestError:
+    return RequestError(f"request body of {size}+ bytes exceeds the limit of {limit} bytes "
+                        "(PolicyServer max_body_bytes)", code="body_too_large", status=413)
+
+
+_CUT_MARGIN = 16  # tokens a text cut mid-word can take beyond its share of the whole
+_PROMPT_FIELD = {"chat.completions": "messages", "completions": "prompt", "responses": "input"}
+_CAPTURE_STATUS = {"duplicate_rollout": 409, "rollout_finished": 409, "unknown_rollout": 404}
+
+
+def _capture_refused(exc: ProtocolError) -> JSONResponse:
+    """The daemon refused a captured event: 409/404 for rollout state, else 400."""
+    status = _CAPTURE_STATUS.get(exc.code, 400)
+    return _error(status, f"the daemon refused the event: {exc}", code=exc.code)

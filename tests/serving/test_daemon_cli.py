@@ -42,3 +42,12 @@ def test_non_loopback_http_needs_an_api_key(tmp_path):
          "--data-dir", str(tmp_path / "d")],
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and "--api-key" in out.stderr
+
+
+def test_otlp_only_non_loopback_listener_needs_an_api_key(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning._cli", "--model", "none", "--otlp-port", "0",
+         "--http-host", "0.0.0.0", "--bind", "tcp://127.0.0.1:0",
+         "--data-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "--api-key" in out.stderr, out.stderr[-2000:]
