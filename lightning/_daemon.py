@@ -53,7 +53,7 @@ from ._protocol import (
     Transition,
     Welcome,
     check_hello,
-    decode_message,
+    decode_frame,
     encode_batch,
     encode_event,
     encode_message,
@@ -375,12 +375,14 @@ class Daemon:
                 f"{self.config.max_frame_bytes} (--max-frame-bytes)",
             )
         try:
-            msg = decode_message(frame)
+            msg, repaired = decode_frame(frame)
         except ProtocolError as exc:
             return self._nack(exc.code, str(exc))
         match msg:
             case Batch():
-                return self._on_batch(peer, msg, frame)
+                # a repaired batch (an event refused at decoding) is stored as decoded:
+                # the log holds only what recovery can apply
+                return self._on_batch(peer, msg, encode_message(msg) if repaired else frame)
             case Hello():
                 return self._on_hello(peer, msg)
             case Ping():

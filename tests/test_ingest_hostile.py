@@ -1,0 +1,140 @@
+"""Hostile input over ZeroMQ frames: rejection per event, fencing, disk full, expiry.
+
+Driven through ``Daemon.handle`` (what the socket loop calls for every frame) and, where
+the runtime's side matters, through the runtime over the in-memory transport.
+"""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+
+import lightning
+from lightning import DaemonConfig
+from lightning._protocol import (
+    Ack,
+    Batch,
+    Nack,
+    RolloutEnd,
+    RolloutStart,
+    Transition,
+    encode_batch,
+    encode_event,
+    encode_message,
+    pack_ids,
+)
+from lightning.testing import Daemon, MemoryHub, recover
+
+from test_daemon import Harness, _batch, _end, _start, _tr
+
+
+@pytest.fixture
+def h(tmp_path):
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+def _raw_transition(rid: str, index: int, /, **override) -> bytes:
+    """A transition encoded as a non-Python client might: any field, any type."""
+    fields = {"type": "transition", **msgspec.structs.asdict(_tr(rid, index)), **override}
+    return msgspec.msgpack.encode(fields)
+
+
+BAD_FIELDS = [{"finish_reason": None}, {"model": 5}, {"policy_version": 1.5},
+              {"index": "0"}, {"prompt_ids": [1, 2]}, {"type": "no-such-event"}]
+
+
+@pytest.mark.parametrize("bad", BAD_FIELDS, ids=lambda b: ",".join(map(str, b)))
+def test_one_mistyped_event_loses_nothing_else_of_its_frame(h, tmp_path, bad):
+    """The issue's scenario: 200 concurrent good rollouts and one bad field in a frame."""
+    h.hello()
+    raw = [encode_event(_start(f"r{i}")) for i in range(201)]
+    raw += [encode_event(_tr(f"r{i}", 0)) for i in range(200)]
+    raw.append(_raw_transition("r200", 0, **bad))
+    bad_seq = len(raw)
+    raw += [encode_event(_end(f"r{i}", 1)) for i in range(201)]
+    ack = h.send(encode_batch("c1", 1, raw))
+    assert isinstance(ack, Ack) and ack.acked_through == len(raw)
+    assert [(r.seq, r.code) for r in ack.rejected] == [(bad_seq, "invalid")]
+    field = next(iter(bad))
+    assert f"$.{field}" in ack.rejected[0].reason
+    trajs = list(h.daemon.buffer._items)
+    assert len(trajs) == 201
+    good = [t for t in trajs if t.rollout_id != "r200"]
+    assert len(good) == 200 and all(len(t.transitions) == 1 for t in good)
+    (r200,) = [t for t in trajs if t.rollout_id == "r200"]
+    assert r200.transitions == [] and r200.warnings  # 1 recorded, 0 stored: flagged
+    stats = h.daemon.stats()
+    assert stats["rejected.invalid"] == 1 and stats["events_accepted"] == len(raw) - 1
+    h.close()
+    # the log holds only what recovery can apply, and recovery counts what the live
+    # daemon counted
+    state, pending, _ = recover(tmp_path / "data")
+    assert len(pending) == 201 and state.hwm["c1"] == len(raw)
+    assert state.counters["rejected.invalid"] == 1
+    assert state.counters["events_accepted"] == len(raw) - 1
+
+
+def test_a_batch_envelope_that_does_not_decode_is_still_refused_whole(h):
+    h.hello()
+    frame = msgspec.msgpack.encode({"type": "batch", "client_id": 5, "first_seq": 1,
+                                    "events": [{"type": "rollout.start", "rollout_id": "a",
+                                                "name": "x"}]})
+    nack = h.send(frame)
+    assert isinstance(nack, Nack) and nack.code == "invalid" and "client_id" in nack.reason
+    frame = msgspec.msgpack.encode({"type": "batch", "client_id": "c1", "first_seq": 1,
+                                    "events": [{"type": "transition"}, 7]})
+    ack = h.send(frame)  # two undecodable events: each refused, the frame acknowledged
+    assert ack.acked_through == 2 and [r.seq for r in ack.rejected] == [1, 2]
+
+
+@lightning.rollout
+async def _good_agent(i: int) -> float:
+    lightning.record_transition([i, 1], [2, 3], [-0.5, -0.5], policy_version=1)
+    await anyio.sleep(0)
+    return 1.0
+
+
+@lightning.rollout
+async def _bad_agent(**bad) -> float:
+    await anyio.sleep(0)
+    lightning.record_transition([1], [2], [-0.5], **bad)
+    return 1.0
+
+
+@pytest.mark.parametrize("bad", [{"finish_reason": None}, {"model": 5},
+                                 {"policy_version": 1.5}, {"policy_version": True},
+                                 {"trainable": 1}, {"latency_s": "1"}, {"metadata": [1]}])
+async def test_runtime_raises_a_mistyped_argument_at_the_call(tmp_path, bad):
+    hub = MemoryHub()
+    errors = []
+
+    async def run_bad():
+        try:
+            await _bad_agent(**bad)
+        except TypeError as exc:
+            errors.append(str(exc))
+
+    async with anyio.create_task_group() as tg:
+        d = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0),
+                   transport=hub)
+        await tg.start(d.serve)
+        async with lightning.session(transport=hub.connect(), spill_dir=str(tmp_path / "s"),
+                                     open_linger_s=0) as rt:
+            async with anyio.create_task_group() as agents:
+                for i in range(200):
+                    agents.start_soon(_good_agent, i)
+                agents.start_soon(run_bad)
+            with anyio.fail_after(20):
+                while rt.pending_events():
+                    await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    (name,) = bad
+    assert len(errors) == 1 and f"{name} must be" in errors[0]
+    trajs = list(d.buffer._items)
+    assert sum(t.status == "completed" and len(t.transitions) == 1 for t in trajs) == 200
+    (failed,) = [t for t in trajs if t.status == "failed"]
+    assert "TypeError" in failed.error and failed.transitions == []
+    assert rt.counters["events_rejected"] == 0
