@@ -186,7 +186,10 @@ class Daemon:
         self.state = IngestState(max_finished_remembered=self.config.max_finished_remembered)
         self.buffer = TrajectoryBuffer(self.config.buffer_size, on_commit=self._write_cursor)
         self.counters: Counter[str] = Counter()
-        self._sessions: dict[bytes, str] = {}
+        # Connections own client ids: peer -> the ids it said Hello for, id -> its peer.
+        self._sessions: dict[bytes, set[str]] = {}
+        self._owner: dict[str, bytes] = {}
+        self._peer_seen: dict[bytes, float] = {}  # peer -> last frame (monotonic)
         self._wal: AppendLog | None = None
         self._local_id = "local-" + self.daemon_id
         self._local_seq = 0
@@ -354,6 +357,7 @@ class Daemon:
             "open_rollouts": len(self.state.open),
             "buffered": len(self.buffer),
             "sessions": len(self._sessions),
+            "clients_connected": len(self._owner),
         }
 
     # ------------------------------------------------------------------ frames
@@ -378,6 +382,8 @@ class Daemon:
             msg, repaired = decode_frame(frame)
         except ProtocolError as exc:
             return self._nack(exc.code, str(exc))
+        if peer in self._peer_seen:
+            self._peer_seen[peer] = time.monotonic()
         match msg:
             case Batch():
                 # a repaired batch (an event refused at decoding) is stored as decoded:
@@ -405,32 +411,64 @@ class Daemon:
                 daemon_version=PROTOCOL_VERSION,
             )
             return encode_message(Error(code=exc.code, message=str(exc)))
-        if not hello.client_id:
+        cid = hello.client_id
+        if not cid:
             return self._nack("invalid", "Hello.client_id must not be empty")
-        if self._sessions.get(peer) != hello.client_id:
+        owner = self._owner.get(cid)
+        if owner != peer:
+            if owner is not None:  # a newer connection takes the id over: fence the old
+                self._disown(owner, cid)
+                self.counters["clients_fenced"] += 1
+                logger.warning("daemon.client_id_taken_over", client_id=cid,
+                               reason="a newer connection said Hello with this client id; "
+                               "batches from the older one are refused (fenced)")
             logger.info(
                 "daemon.client_connected",
-                client_id=hello.client_id,
+                client_id=cid,
                 host=hello.host,
                 pid=hello.pid,
                 library_version=hello.library_version,
             )
-        self._sessions[peer] = hello.client_id
+        self._owner[cid] = peer
+        self._sessions.setdefault(peer, set()).add(cid)
+        self._peer_seen[peer] = time.monotonic()
         return encode_message(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
                 daemon_id=self.daemon_id,
-                acked_through=self.state.hwm.get(hello.client_id, 0),
+                acked_through=self.state.hwm.get(cid, 0),
                 max_frame_bytes=self.config.max_frame_bytes,
                 heartbeat_s=self.config.heartbeat_s,
+                client_id=cid,
             )
         )
 
+    def _disown(self, peer: bytes, cid: str) -> None:
+        # the fenced connection keeps its (maybe empty) session, so its next batch for
+        # the id is told "fenced", not "say Hello", and it does not take the id back
+        self._sessions.get(peer, set()).discard(cid)
+
+    def forget_peer(self, peer: bytes) -> None:
+        """Drop a connection's state (it disconnected, or was silent too long); the ids it
+        owned become free, and a later frame from it is told to say Hello again."""
+        for cid in self._sessions.pop(peer, ()):
+            if self._owner.get(cid) == peer:
+                del self._owner[cid]
+        self._peer_seen.pop(peer, None)
+
     def _on_batch(self, peer: bytes, batch: Batch, frame: bytes | memoryview) -> bytes:
         cid = batch.client_id
-        if peer not in self._sessions:
+        if cid not in self._sessions.get(peer, ()):
+            if cid in self._owner and peer in self._sessions:  # another connection owns it
+                return self._nack(
+                    "fenced",
+                    f"client id {cid} belongs to another connection (the last to say Hello "
+                    "for it): this connection's batches for it are refused",
+                    client_id=cid,
+                )
             return self._nack(
-                "no_session", "say Hello first", client_id=cid, retry=True
+                "no_session", f"say Hello for client id {cid} first", client_id=cid,
+                retry=True,
             )
         if batch.first_seq < 1 or not cid:
             return self._nack("invalid", "Batch needs a client_id and first_seq >= 1")

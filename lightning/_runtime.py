@@ -99,7 +99,42 @@ class _Stream:
         # A dead process's spill log may lack what it held only in memory: its first
         # frame tells the daemon to accept the gap.
         self.resync_next = orphan
-        self.pending: deque[Item] = deque()  # orphans: records left to send
+        self.welcomed = not orphan  # orphans: the daemon answered our Hello for this id
+        self.pending: deque[Item] = deque()  # orphans: records read ahead, not yet sent
+        self.remaining = 0  # orphans: records in the log not read yet
+        self.reader: LogReader | None = None
+        self.log: AppendLog | None = None
+        self.lock_fd = -1
+        self.path: Path | None = None
+
+    def read_ahead(self, max_items: int, max_bytes: int) -> int:
+        """Orphans: read the next records of the log (bounded memory), skipping those the
+        daemon already acknowledged; returns how many were skipped."""
+        skipped = 0
+        while not self.pending and self.remaining and self.reader is not None:
+            records = self.reader.read(min(max_items, self.remaining), max_bytes)
+            if not records:  # the log ended early (it changed under us): nothing more
+                self.remaining = 0
+                break
+            self.remaining -= len(records)
+            for rec in records:
+                (seq,) = _SEQ.unpack_from(rec)
+                if seq > self.acked_through:
+                    self.pending.append((seq, rec[_SEQ.size :]))
+                else:
+                    skipped += 1
+        return skipped
+
+    def has_unsent(self) -> bool:
+        return bool(self.pending or self.remaining)
+
+    def close_log(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
 class Runtime:
@@ -159,6 +194,9 @@ class Runtime:
                 "frames_sent",
                 "frames_resent",
                 "nacks",
+                "fenced",
+                "daemon_disk_full",
+                "orphan_events_already_acked",
                 "paused_by_daemon",
                 "reconnects",
             ),
@@ -314,24 +352,23 @@ class Runtime:
             except BlockingIOError:
                 os.close(fd)  # a live process owns it
                 continue
+            # Streamed, never read whole: records are read a frame at a time as the
+            # window allows, and those the daemon acknowledged (its Welcome for this
+            # client id says how far) are skipped unsent.
             log = AppendLog(d)
-            records: dict[int, bytes] = {}
-            for rec in log:
-                (seq,) = _SEQ.unpack_from(rec)
-                records[seq] = rec[_SEQ.size :]
-            log.close()
-            if not records:
+            n = log.count()
+            if not n:
+                log.close()
                 _remove_spill_dir(d, fd)
                 continue
             stream = _Stream(d.name, orphan=True)
-            stream.pending.extend(sorted(records.items()))
-            stream.lock_fd = fd  # type: ignore[attr-defined]
-            stream.path = d  # type: ignore[attr-defined]
+            stream.log, stream.reader, stream.remaining = log, LogReader(log), n
+            stream.lock_fd, stream.path = fd, d
             self._orphans.append(stream)
             logger.warning(
                 "runtime.replaying_orphan_spill",
                 path=str(d),
-                events=len(records),
+                events=n,
                 client_id=d.name,
             )
 
@@ -387,6 +424,13 @@ class Runtime:
         match msg:
             case Ack():
                 self._on_ack(msg)
+            case Welcome() if msg.client_id not in ("", self.client_id):
+                stream = self._stream_for(msg.client_id)
+                if stream is not None:  # an orphan's Hello answered: resume after its ack
+                    stream.welcomed = True
+                    self._on_ack(Ack(client_id=msg.client_id, acked_through=msg.acked_through))
+                    for f in stream.inflight:
+                        f.sent_at = 0.0
             case Welcome():
                 if msg.daemon_id != self._daemon_id:
                     logger.info(
@@ -401,9 +445,10 @@ class Runtime:
                 self._max_frame_bytes = msg.max_frame_bytes
                 self._on_ack(Ack(client_id=self.client_id, acked_through=msg.acked_through))
                 # Everything still in flight may have died with the old connection.
-                for s in self._streams():
-                    for f in s.inflight:
-                        f.sent_at = 0.0
+                for f in self._stream.inflight:
+                    f.sent_at = 0.0
+                for s in self._orphans:  # a new session: each orphan says Hello again
+                    s.welcomed = False
             case Nack():
                 self._on_nack(msg)
             case Pong():
@@ -456,9 +501,34 @@ class Runtime:
 
     def _on_nack(self, nack: Nack) -> None:
         self.counters["nacks"] += 1
+        orphan = self._stream_for(nack.client_id)
+        if orphan is self._stream:
+            orphan = None
         match nack.code:
+            case "no_session" if orphan is not None:
+                orphan.welcomed = False
             case "no_session":
                 self._session = False
+            case "fenced" if orphan is not None:
+                # another connection said Hello with this dead process's id and replays
+                # its log: leave the log to it
+                self.counters["fenced"] += 1
+                logger.error("runtime.orphan_fenced", client_id=nack.client_id,
+                             reason=nack.reason)
+                self._drop_orphan(orphan, delivered=False)
+            case "fenced":
+                self.counters["fenced"] += 1
+                self._session = False  # say Hello again: it takes our client id back
+                logger.error(
+                    "runtime.fenced", client_id=nack.client_id, reason=nack.reason,
+                    hint="another connection said Hello with this process's client id",
+                )
+            case "disk_full":
+                self.counters["daemon_disk_full"] += 1
+                if self.counters["daemon_disk_full"] == 1:
+                    logger.warning("runtime.daemon_disk_full", reason=nack.reason,
+                                   hint="events are kept and resent when the daemon has space")
+                self._on_busy(nack)
             case "gap":
                 stream = self._stream_for(nack.client_id)
                 if stream is None or stream.rewound_to == nack.expected_seq:
@@ -471,10 +541,7 @@ class Runtime:
                     stream.inflight[0].resync = True
                     stream.inflight[0].payload = None
             case "busy":
-                self._paused_until = time.monotonic() + max(nack.retry_after_s, 0.01)
-                for s in self._streams():
-                    for f in s.inflight:
-                        f.sent_at = 0.0
+                self._on_busy(nack)
             case _:
                 logger.error(
                     "runtime.frame_refused",
@@ -490,6 +557,21 @@ class Runtime:
                         f = stream.inflight[0]
                         self.counters["events_rejected"] += len(f.items)
                         self._on_ack(Ack(client_id=stream.client_id, acked_through=f.last))
+
+    def _on_busy(self, nack: Nack) -> None:
+        self._paused_until = time.monotonic() + max(nack.retry_after_s, 0.01)
+        for s in self._streams():
+            for f in s.inflight:
+                f.sent_at = 0.0
+
+    def _drop_orphan(self, s: _Stream, *, delivered: bool) -> None:
+        self._orphans.remove(s)
+        s.close_log()
+        if delivered:
+            _remove_spill_dir(s.path, s.lock_fd)
+            logger.info("runtime.orphan_spill_delivered", client_id=s.client_id)
+        else:  # undelivered records stay in their directory for a later process
+            os.close(s.lock_fd)
 
     async def _send_loop(self) -> None:
         cfg = self.config
@@ -513,10 +595,8 @@ class Runtime:
                 return
             self._maybe_finish_spill()
             for s in list(self._orphans):
-                if not s.pending and not s.inflight:
-                    self._orphans.remove(s)
-                    _remove_spill_dir(s.path, s.lock_fd)  # type: ignore[attr-defined]
-                    logger.info("runtime.orphan_spill_delivered", client_id=s.client_id)
+                if not s.has_unsent() and not s.inflight:
+                    self._drop_orphan(s, delivered=True)
             if self._spill is not None:
                 with self._lock:
                     self._spill.flush()
@@ -593,6 +673,7 @@ class Runtime:
         )
         try:
             self._transport.send(encode_message(hello))  # type: ignore[union-attr]
+            self._hello_orphans()
         except WouldBlock:
             if not self._warned_down and now - self._last_heard > self.config.peer_timeout_s:
                 self._warned_down = True
@@ -603,6 +684,16 @@ class Runtime:
                     "the daemon is back; start it with `lightning-daemon`",
                 )
         self._hello_backoff = min(self._hello_backoff * 2, 2.0)
+
+    def _hello_orphans(self) -> None:
+        """Say Hello for each dead process's client id whose log we replay: the daemon
+        ties the id to this connection (a newer Hello takes an id over, and batches for
+        an id this connection has not said Hello for are refused)."""
+        for s in self._orphans:
+            if not s.welcomed:
+                self._transport.send(encode_message(Hello(  # type: ignore[union-attr]
+                    protocol_version=PROTOCOL_VERSION, client_id=s.client_id,
+                    pid=os.getpid(), host=socket.gethostname(), library_version=_version())))
 
     def _check_silence(self, now: float) -> None:
         """Say Hello again when the daemon has been silent too long while we wait on it."""
@@ -633,8 +724,14 @@ class Runtime:
         spill log never holds the app's loop for long.
         """
         self._budget = _PUMP_BUDGET
+        if any(not s.welcomed for s in self._orphans) and now - self._last_hello > 0.5:
+            self._last_hello = now  # an orphan's Hello or Welcome was lost: say it again
+            try:
+                self._hello_orphans()
+            except WouldBlock:
+                return False
         for stream in self._streams():
-            if not self._pump_stream(stream, now):
+            if stream.welcomed and not self._pump_stream(stream, now):
                 return False
         return True
 
@@ -655,8 +752,11 @@ class Runtime:
                 break
             resync = stream.resync_next
             stream.resync_next = False
-            if stream.orphan and stream.pending and stream.pending[0][0] != items[-1][0] + 1:
-                stream.resync_next = True  # the next frame starts after a gap
+            if stream.orphan:
+                self.counters["orphan_events_already_acked"] += stream.read_ahead(
+                    cfg.max_batch_events, cfg.max_batch_bytes)
+                if stream.pending and stream.pending[0][0] != items[-1][0] + 1:
+                    stream.resync_next = True  # the next frame starts after a gap
             f = _Frame(items, resync=resync)
             stream.inflight.append(f)
             if not self._send_frame(stream, f, now):
@@ -673,6 +773,7 @@ class Runtime:
             # A frame holds consecutive sequence numbers only: a gap in a dead process's
             # log (events it held only in memory) ends the frame, and the next frame
             # tells the daemon to accept the gap.
+            self.counters["orphan_events_already_acked"] += stream.read_ahead(max_items, max_bytes)
             src = stream.pending
             while src and len(items) < max_items and (not items or nbytes + len(src[0][1]) <= max_bytes):
                 if items and src[0][0] != items[-1][0] + 1:
@@ -711,14 +812,14 @@ class Runtime:
         with self._lock:
             if self._queue or self._spill_unread:
                 return False
-        return not any(s.inflight or s.pending for s in self._streams())
+        return not any(s.inflight or s.has_unsent() for s in self._streams())
 
     def pending_events(self) -> int:
         """Events recorded but not yet acknowledged by the daemon."""
         with self._lock:
             n = len(self._queue) + self._spill_unread
         for s in self._streams():
-            n += len(s.pending) + sum(len(f.items) for f in s.inflight)
+            n += len(s.pending) + s.remaining + sum(len(f.items) for f in s.inflight)
         return n
 
     async def aclose(self, grace_s: float | None = None) -> None:
@@ -770,10 +871,8 @@ class Runtime:
                 if self._spill_lock_fd is not None:
                     os.close(self._spill_lock_fd)  # releases the flock: now an orphan
                     self._spill_lock_fd = None
-        for s in self._orphans:
-            # Undelivered orphan records stay in their directory for the next process.
-            os.close(s.lock_fd)  # type: ignore[attr-defined]
-        self._orphans.clear()
+        for s in list(self._orphans):
+            self._drop_orphan(s, delivered=False)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -138,3 +138,99 @@ async def test_runtime_raises_a_mistyped_argument_at_the_call(tmp_path, bad):
     (failed,) = [t for t in trajs if t.status == "failed"]
     assert "TypeError" in failed.error and failed.transitions == []
     assert rt.counters["events_rejected"] == 0
+
+
+# ------------------------------------------------------------------ connections own ids
+
+VICTIM, ATTACKER = b"victim", b"attacker"
+
+
+def test_a_batch_for_another_connections_client_id_cannot_drop_its_data(h):
+    h.hello("v", peer=VICTIM)
+    assert h.send(_batch(1, [_start("a"), _tr("a", 0)], cid="v"), VICTIM).acked_through == 2
+    h.hello("x", peer=ATTACKER)  # has a session of its own, not for "v"
+    forged = _batch(10**12, [_start("evil")], cid="v", resync=True)
+    nack = h.send(forged, ATTACKER)
+    assert isinstance(nack, Nack) and nack.code == "fenced" and not nack.retry
+    nack = h.send(forged, b"stranger")  # no session at all
+    assert nack.code == "no_session"
+    assert h.daemon.state.hwm["v"] == 2
+    ack = h.send(_batch(3, [_tr("a", 1), _end("a", 2)], cid="v"), VICTIM)
+    assert ack.acked_through == 4 and not ack.rejected
+    (t,) = h.daemon.buffer._items
+    assert [x.index for x in t.transitions] == [0, 1]
+    assert h.daemon.stats()["events_duplicate"] == 0
+
+
+def test_a_newer_hello_takes_the_client_id_over_and_fences_the_older(h):
+    h.hello("v", peer=VICTIM)
+    h.send(_batch(1, [_start("a")], cid="v"), VICTIM)
+    w = h.hello("v", peer=b"adopter")  # e.g. a new process replaying a dead one's spill
+    assert w.acked_through == 1 and w.client_id == "v"
+    nack = h.send(_batch(2, [_end("a", 0)], cid="v"), VICTIM)
+    assert nack.code == "fenced" and nack.client_id == "v"
+    assert h.send(_batch(2, [_end("a", 0)], cid="v"), b"adopter").acked_through == 2
+    assert h.daemon.stats()["clients_fenced"] == 1
+    h.daemon.forget_peer(b"adopter")  # gone: the id is free again, the old peer says Hello
+    assert h.send(_batch(3, [_start("b")], cid="v"), b"adopter").code == "no_session"
+    assert h.hello("v", peer=VICTIM).acked_through == 2
+
+
+def _write_orphan(spill_root, cid, events):
+    import struct
+
+    from lightning._log import AppendLog
+
+    d = spill_root / cid
+    log = AppendLog(d)
+    (d / "lock").touch()
+    seq = struct.Struct("<Q")
+    for s_, e in enumerate(events, 1):
+        log.append(seq.pack(s_) + encode_event(e))
+    log.close()
+    return d
+
+
+def _rollouts(n, steps):
+    out = []
+    for i in range(n):
+        out.append(_start(f"o{i}"))
+        out += [_tr(f"o{i}", k) for k in range(steps)]
+        out.append(_end(f"o{i}", steps))
+    return out
+
+
+async def test_a_partly_acknowledged_orphan_spill_replays_only_the_rest(tmp_path):
+    """Issue 14.4: the already-acknowledged records of a dead process's spill log are
+    skipped (the daemon's Welcome for its id says how far), the rest arrives exactly once."""
+    events = _rollouts(300, 5)  # 2100 events
+    d = _write_orphan(tmp_path / "spill", "dead", events)
+    hub = MemoryHub()
+    async with anyio.create_task_group() as tg:
+        daemon = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0),
+                        transport=hub)
+        await tg.start(daemon.serve)
+        done = 1200  # the dead process had these acknowledged
+        daemon.handle(b"old", encode_message(_hello("dead")))
+        ack = daemon.handle(b"old", encode_batch("dead", 1, [encode_event(e) for e in events[:done]]))
+        assert ack is not None
+        async with lightning.session(transport=hub.connect(), spill_dir=str(tmp_path / "spill"),
+                                     open_linger_s=0, max_batch_events=64) as rt:
+            with anyio.fail_after(30):
+                while len(daemon.buffer) < 300 or rt.pending_events():
+                    await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    trajs = list(daemon.buffer._items)
+    assert sorted(t.rollout_id for t in trajs) == sorted(f"o{i}" for i in range(300))
+    assert all([x.index for x in t.transitions] == list(range(5)) for t in trajs)
+    stats = daemon.stats()
+    assert stats["events_accepted"] == len(events) and stats["events_duplicate"] == 0
+    assert rt.counters["orphan_events_already_acked"] == done
+    assert stats.get("events_lost_by_client", 0) == 0 and stats["clients_fenced"] == 1
+    assert not d.exists()
+
+
+def _hello(cid):
+    from lightning._protocol import PROTOCOL_VERSION, Hello
+
+    return Hello(protocol_version=PROTOCOL_VERSION, client_id=cid)
