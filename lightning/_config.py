@@ -38,6 +38,10 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Events held in memory before new ones spill to disk."""
     max_queue_bytes: int = 256 << 20
     """Bytes held in memory before new events spill to disk."""
+    max_spill_bytes: int = 8 << 30
+    """Most bytes in this process's spill log. When it is full (the daemon has not taken
+    events for a long while), newer events are dropped: counted in
+    ``events_dropped_spill_full`` (see ``lightning.stats()``) and logged once per episode."""
     max_batch_events: int = 512
     """Most events per frame."""
     max_batch_bytes: int = 4 << 20
@@ -84,8 +88,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     for token ids and log-probs too."""
 
     def __post_init__(self) -> None:
-        for name in ("max_queue_events", "max_queue_bytes", "max_batch_events",
-                     "max_batch_bytes", "max_inflight_frames"):
+        for name in ("max_queue_events", "max_queue_bytes", "max_spill_bytes",
+                     "max_batch_events", "max_batch_bytes", "max_inflight_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("linger_s", "open_linger_s"):

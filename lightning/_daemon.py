@@ -199,6 +199,7 @@ class Daemon:
         # keeps them (the consumer may hold them without having used them yet)
         self._uncommitted: dict[int, Trajectory] = {}
         self._wal_compacted_at = 0
+        self._disk_full_since: float | None = None  # monotonic time the WAL stopped growing
 
     # ------------------------------------------------------------------ service
 
@@ -296,6 +297,33 @@ class Daemon:
             self._completed(traj)
         return result.rejected[0] if result.rejected else None
 
+    def _store(self, frame: bytes | memoryview) -> None:
+        """Append a frame to the write-ahead log; raise ``OSError`` (nothing appended) if
+        the disk refuses it."""
+        wal = self._wal
+        assert wal is not None
+        wal.append(frame, sync=self.config.fsync == "always")
+        if self._disk_full_since is not None:
+            logger.warning("daemon.disk_space_back", data_dir=str(self._data_dir),
+                           seconds_full=round(time.monotonic() - self._disk_full_since, 1))
+            self._disk_full_since = None
+
+    def _disk_full(self, cid: str, exc: OSError) -> bytes:
+        """The frame was not stored: a retryable nack (the client keeps the events)."""
+        if self._disk_full_since is None:
+            self._disk_full_since = time.monotonic()
+            logger.error(
+                "daemon.disk_full", data_dir=str(self._data_dir), error=str(exc),
+                hint="frames are refused (retryable) and nothing is acknowledged until the "
+                "write-ahead log can grow again; free space in the data dir",
+            )
+        return self._nack(
+            "disk_full",
+            f"the daemon could not store the frame ({exc.strerror or exc}): nothing was "
+            "acknowledged; send it again later",
+            client_id=cid, retry=True, retry_after_s=1.0,
+        )
+
     def _completed(self, traj: Trajectory) -> None:
         if traj.index > self.buffer.committed_through:
             self._uncommitted[traj.index] = traj
@@ -303,16 +331,27 @@ class Daemon:
 
     def _write_cursor(self, index: int) -> None:
         tmp = self._data_dir / "cursor.tmp"
-        tmp.write_text(str(index))
-        os.replace(tmp, self._data_dir / "cursor")
+        try:
+            tmp.write_text(str(index))
+            os.replace(tmp, self._data_dir / "cursor")
+        except OSError as exc:  # disk full: the consumer goes on; the next commit retries
+            self.counters["cursor_write_failed"] += 1
+            logger.error("daemon.cursor_write_failed", error=str(exc), index=index,
+                         hint="a restart before the next commit hands these trajectories "
+                         "to the consumer again; free space in the data dir")
+            return
         for i in [i for i in self._uncommitted if i <= index]:
             del self._uncommitted[i]
         limit = self.config.wal_compact_bytes
         # (a consumer may commit while the daemon shuts down: the log is closed by then)
         if limit and self._wal is not None and not self._wal.closed:
-            self._wal.flush()
             if self._wal.size_bytes() - self._wal_compacted_at >= limit:
-                self.compact()
+                try:
+                    self.compact()
+                except OSError as exc:  # the log is intact: compaction waits for space
+                    self.counters["wal_compaction_failed"] += 1
+                    (self._data_dir / (_SNAPSHOT + ".tmp")).unlink(missing_ok=True)
+                    logger.error("daemon.wal_compaction_failed", error=str(exc))
 
     def compact(self) -> int:
         """Snapshot the ingest state and delete the write-ahead log before it; returns the
@@ -364,7 +403,7 @@ class Daemon:
 
     def _nack(self, code: str, reason: str, **kw: Any) -> bytes:
         self.counters["nacked." + code] += 1
-        if code not in ("busy", "gap", "no_session"):
+        if code not in ("busy", "gap", "no_session", "disk_full"):
             logger.warning("daemon.frame_refused", code=code, reason=reason)
         return encode_message(Nack(code=code, reason=reason, **kw))
 
@@ -497,13 +536,10 @@ class Daemon:
             )
         # Durability first: the frame reaches the OS (and the disk with fsync=always)
         # before its events can change state or be acknowledged.
-        wal = self._wal
-        assert wal is not None
-        wal.append(frame)
-        if self.config.fsync == "always":
-            wal.sync()
-        else:
-            wal.flush()
+        try:
+            self._store(frame)
+        except OSError as exc:
+            return self._disk_full(cid, exc)
         result = state.apply(batch)
         for traj in result.completed:
             self._completed(traj)

@@ -58,8 +58,9 @@ class AppendLog:
 
     # ----------------------------------------------------------------- writing
 
-    def append(self, payload: bytes | memoryview) -> None:
-        """Append one record (one system call); on ``OSError`` nothing was appended."""
+    def append(self, payload: bytes | memoryview, *, sync: bool = False) -> None:
+        """Append one record (one system call; ``sync``: then fsync). On ``OSError``
+        nothing was appended."""
         if self._tail_size >= self.segment_bytes:
             self._rotate()
         header = _HEADER.pack(len(payload), zlib.crc32(payload))
@@ -68,6 +69,8 @@ class AppendLog:
             written = os.writev(self._fd, (header, payload))
             if written != size:  # the file system ran out of space mid-record
                 raise OSError(errno.ENOSPC, f"short write: {written} of {size} bytes")
+            if sync:
+                os.fsync(self._fd)
         except OSError:
             self._undo()
             raise

@@ -71,6 +71,8 @@ logger = structlog.get_logger()
 __all__ = ["Runtime"]
 
 _SEQ = struct.Struct("<Q")
+_SPILL_OVERHEAD = _SEQ.size + 8  # a spill record's bytes beyond the event (seq, log header)
+_HEAD = "head"  # a spill directory's log of what was in flight at shutdown (read first)
 _PUMP_BUDGET = 2 << 20  # bytes sent per turn of the send loop before yielding
 Item = tuple[int, bytes]  # (sequence number, encoded event)
 
@@ -101,26 +103,39 @@ class _Stream:
         self.resync_next = orphan
         self.welcomed = not orphan  # orphans: the daemon answered our Hello for this id
         self.pending: deque[Item] = deque()  # orphans: records read ahead, not yet sent
-        self.remaining = 0  # orphans: records in the log not read yet
-        self.reader: LogReader | None = None
-        self.log: AppendLog | None = None
+        self.remaining = 0  # orphans: records in the logs not read yet
+        self.sources: list[tuple[AppendLog, LogReader]] = []  # orphans: head, then main
+        self.last_read = 0  # orphans: highest sequence number read so far
         self.lock_fd = -1
         self.path: Path | None = None
 
+    def open_logs(self, d: Path) -> None:
+        """Orphans: the spill directory's logs, in replay order (see Runtime._finalize)."""
+        for path in (d / _HEAD, d):
+            if path.is_dir():
+                log = AppendLog(path)
+                self.remaining += log.count()
+                self.sources.append((log, LogReader(log)))
+
     def read_ahead(self, max_items: int, max_bytes: int) -> int:
-        """Orphans: read the next records of the log (bounded memory), skipping those the
-        daemon already acknowledged; returns how many were skipped."""
+        """Orphans: read the next records (a frame's worth: bounded memory), skipping what
+        the daemon acknowledged or was read already; returns how many were skipped."""
         skipped = 0
-        while not self.pending and self.remaining and self.reader is not None:
-            records = self.reader.read(min(max_items, self.remaining), max_bytes)
-            if not records:  # the log ended early (it changed under us): nothing more
-                self.remaining = 0
-                break
+        while not self.pending and self.remaining and self.sources:
+            records = self.sources[0][1].read(min(max_items, self.remaining), max_bytes)
+            if not records:  # this log is done: the next one
+                log, reader = self.sources.pop(0)
+                reader.close()
+                log.close()
+                if not self.sources:
+                    self.remaining = 0
+                continue
             self.remaining -= len(records)
             for rec in records:
                 (seq,) = _SEQ.unpack_from(rec)
-                if seq > self.acked_through:
+                if seq > self.acked_through and seq > self.last_read:
                     self.pending.append((seq, rec[_SEQ.size :]))
+                    self.last_read = seq
                 else:
                     skipped += 1
         return skipped
@@ -129,12 +144,10 @@ class _Stream:
         return bool(self.pending or self.remaining)
 
     def close_log(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
-        if self.log is not None:
-            self.log.close()
-            self.log = None
+        for log, reader in self.sources:
+            reader.close()
+            log.close()
+        self.sources.clear()
 
 
 class Runtime:
@@ -159,6 +172,12 @@ class Runtime:
         self._spill_lock_fd: int | None = None
         self._spill_reader: LogReader | None = None
         self._spill_unread = 0  # records appended to the spill log and not read back yet
+        self._spill_bytes = 0  # bytes in the spill log (max_spill_bytes caps it)
+        # events that could not be spilled (disk full), kept in memory behind the spill
+        self._held: deque[Item] = deque()
+        self._held_bytes = 0
+        self._spill_broken = False  # said once per episode
+        self._overflowing = False
         self._stream = _Stream(self.client_id)
         self._orphans: list[_Stream] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -190,6 +209,10 @@ class Runtime:
                 "events_spilled",
                 "events_dropped_oversize",
                 "events_dropped_unencodable",
+                "events_dropped_spill_full",
+                "events_dropped_spill_failed",
+                "events_lost_at_shutdown",
+                "spill_failures",
                 "events_after_shutdown",
                 "frames_sent",
                 "frames_resent",
@@ -243,15 +266,18 @@ class Runtime:
                         "not kept; shut down after the agents finish",
                     )
                 return
-            seq = self._take_seq()
             self.counters["events_submitted"] += 1
             if (
                 self._spilling
                 or len(self._queue) >= cfg.max_queue_events
                 or self._queue_bytes + size > cfg.max_queue_bytes
             ):
+                if not self._overflow_locked(event, size):
+                    return
+                seq = self._take_seq()
                 self._spill_locked(seq, data)
             else:
+                seq = self._take_seq()
                 self._queue.append((seq, data))
                 self._queue_bytes += size
             wake = self._idle
@@ -303,38 +329,108 @@ class Runtime:
             )
         return self._spill
 
+    def _overflow_locked(self, event: Event, size: int) -> bool:
+        """Whether an event that does not fit in memory can be kept (spilled or held).
+
+        The overflow policy, when the spill log holds ``max_spill_bytes`` (or the spill
+        failed and ``max_queue_bytes`` more wait in memory behind it): the newest event is
+        dropped, counted and said once per episode. It never takes a sequence number, so
+        the stream the daemon sees has no gap; its rollout arrives incomplete (flagged).
+        """
+        if self._held:
+            full, counter = self._held_bytes + size > self.config.max_queue_bytes, "spill_failed"
+        else:
+            full = self._spill_bytes + _SPILL_OVERHEAD + size > self.config.max_spill_bytes
+            counter = "spill_full"
+        if not full:
+            return True
+        self.counters["events_dropped_" + counter] += 1
+        if not self._overflowing:
+            self._overflowing = True
+            logger.error(
+                "runtime.events_dropped", reason=counter, rollout_id=event.rollout_id,
+                spill_bytes=self._spill_bytes, max_spill_bytes=self.config.max_spill_bytes,
+                hint="the daemon is not taking events and the spill log is full (or "
+                "unwritable): newer events are dropped until it catches up; raise "
+                "max_spill_bytes or free the spill directory's disk",
+            )
+        return False
+
     def _spill_locked(self, seq: int, data: bytes) -> None:
-        log = self._open_spill_locked()
-        log.append(_SEQ.pack(seq) + data)
-        self._spilling = True
-        self._spill_unread += 1
+        self._spilling = True  # from here on, events go behind the spill log, in order
         self.counters["events_spilled"] += 1
+        if not self._held:
+            try:
+                self._open_spill_locked().append(_SEQ.pack(seq) + data)
+            except OSError as exc:
+                self._spill_failed_locked(exc)
+            else:
+                self._spill_unread += 1
+                self._spill_bytes += _SPILL_OVERHEAD + len(data)
+                self._spill_broken = False
+                return
+        # The spill log cannot take it (disk full, unwritable directory): keep it in
+        # memory behind what the log holds, until the log is drained.
+        self._held.append((seq, data))
+        self._held_bytes += len(data)
+
+    def _spill_failed_locked(self, exc: OSError) -> None:
+        self.counters["spill_failures"] += 1
+        if not self._spill_broken:
+            self._spill_broken = True
+            logger.error(
+                "runtime.spill_failed", path=str(self._spill_dir()), error=str(exc),
+                hint=f"events are kept in memory (up to max_queue_bytes="
+                f"{self.config.max_queue_bytes}) and sent when the daemon is back; free "
+                "disk space in the spill directory to spill again",
+            )
 
     def _read_spill(self, max_items: int, max_bytes: int) -> list[Item]:
         """Read the next spilled records, in order (called by the sender only)."""
         with self._lock:
-            if self._spill is None or self._spill_unread == 0:
-                return []
+            if self._spill_unread == 0:
+                return self._take_held_locked(max_items, max_bytes)
             if self._spill_reader is None:
                 self._spill_reader = LogReader(self._spill)
             records = self._spill_reader.read(min(max_items, self._spill_unread), max_bytes)
             self._spill_unread -= len(records)
         return [(_SEQ.unpack_from(rec)[0], rec[_SEQ.size :]) for rec in records]
 
+    def _take_held_locked(self, max_items: int, max_bytes: int) -> list[Item]:
+        items: list[Item] = []
+        nbytes = 0
+        held = self._held
+        while held and len(items) < max_items and (not items or nbytes + len(held[0][1]) <= max_bytes):
+            it = held.popleft()
+            items.append(it)
+            nbytes += len(it[1])
+        self._held_bytes -= nbytes
+        return items
+
     def _maybe_finish_spill(self) -> None:
         """Once every spilled record is read and acknowledged, drop the log."""
         with self._lock:
             if (
-                self._spill is not None
-                and self._spilling
+                self._spilling
                 and self._spill_unread == 0
+                and not self._held
                 and not self._stream.inflight
             ):
                 if self._spill_reader is not None:
                     self._spill_reader.close()
                     self._spill_reader = None
-                self._spill.reset()
+                if self._spill is not None:
+                    try:
+                        self._spill.reset()
+                    except OSError as exc:  # recreating the segment failed: retry later
+                        self._spill_failed_locked(exc)
+                        self._spill = None
+                        if self._spill_lock_fd is not None:
+                            os.close(self._spill_lock_fd)
+                            self._spill_lock_fd = None
+                self._spill_bytes = 0
                 self._spilling = False
+                self._overflowing = False  # a new episode may be said again
                 logger.info("runtime.spill_drained")
 
     # ================================================================ orphan replay
@@ -355,14 +451,13 @@ class Runtime:
             # Streamed, never read whole: records are read a frame at a time as the
             # window allows, and those the daemon acknowledged (its Welcome for this
             # client id says how far) are skipped unsent.
-            log = AppendLog(d)
-            n = log.count()
+            stream = _Stream(d.name, orphan=True)
+            stream.open_logs(d)
+            n = stream.remaining
             if not n:
-                log.close()
+                stream.close_log()
                 _remove_spill_dir(d, fd)
                 continue
-            stream = _Stream(d.name, orphan=True)
-            stream.log, stream.reader, stream.remaining = log, LogReader(log), n
             stream.lock_fd, stream.path = fd, d
             self._orphans.append(stream)
             logger.warning(
@@ -601,7 +696,7 @@ class Runtime:
                 with self._lock:
                     self._spill.flush()
             with self._lock:
-                has_work = bool(self._queue) or self._spill_unread > 0
+                has_work = bool(self._queue or self._held) or self._spill_unread > 0
                 self._idle = not has_work
             timeout = cfg.heartbeat_s
             if not self._session:
@@ -631,7 +726,7 @@ class Runtime:
         """
         cfg = self.config
         with self._lock:
-            n, spilled = len(self._queue), self._spill_unread
+            n, spilled = len(self._queue), self._spill_unread + len(self._held)
             ends = n > 0 and self._urgent_seq >= self._queue[0][0]
             limit = cfg.linger_s if ends else max(cfg.linger_s, cfg.open_linger_s)
             left = 0.0
@@ -810,14 +905,14 @@ class Runtime:
 
     def _drained(self) -> bool:
         with self._lock:
-            if self._queue or self._spill_unread:
+            if self._queue or self._held or self._spill_unread:
                 return False
         return not any(s.inflight or s.has_unsent() for s in self._streams())
 
     def pending_events(self) -> int:
         """Events recorded but not yet acknowledged by the daemon."""
         with self._lock:
-            n = len(self._queue) + self._spill_unread
+            n = len(self._queue) + self._spill_unread + len(self._held)
         for s in self._streams():
             n += len(s.pending) + s.remaining + sum(len(f.items) for f in s.inflight)
         return n
@@ -851,20 +946,23 @@ class Runtime:
             leftovers.extend(self._queue)
             self._queue.clear()
             self._queue_bytes = 0
-            if leftovers or self._spill_unread:
-                log = self._open_spill_locked()
-                for seq, data in leftovers:
-                    log.append(_SEQ.pack(seq) + data)
-                log.flush()
-                logger.warning(
-                    "runtime.shutdown_spilled",
-                    events=len(leftovers) + self._spill_unread,
-                    path=str(self._spill_dir()),
-                    hint="the next process using this spill directory replays them",
-                )
+            leftovers.sort()
+            # Replay order is sequence order: what was in flight or queued comes before
+            # the spill log's unread records, and what was held (unspillable) after them.
+            # With records in the spill log, the first go to its "head" log, read first.
+            head: list[Item] = []
+            if self._spill is not None and self._spill_bytes:
+                head, leftovers = leftovers, []
+            leftovers.extend(self._held)
+            self._held.clear()
+            if head or leftovers or self._spill_unread:
+                self._spill_leftovers_locked(head, leftovers)
             elif self._spill is not None:
                 self._spill.destroy()
                 self._spill = None
+            if self._spill_reader is not None:
+                self._spill_reader.close()
+                self._spill_reader = None
             if self._spill is not None:
                 self._spill.close()
                 self._spill = None
@@ -874,14 +972,50 @@ class Runtime:
         for s in list(self._orphans):
             self._drop_orphan(s, delivered=False)
 
+    def _spill_leftovers_locked(self, head: list[Item], tail: list[Item]) -> None:
+        written = 0
+        try:
+            log = self._open_spill_locked()
+            if head:
+                head_log = AppendLog(self._spill_dir() / _HEAD)
+                try:
+                    for seq, data in head:
+                        head_log.append(_SEQ.pack(seq) + data)
+                        written += 1
+                finally:
+                    head_log.close()
+            for seq, data in tail:
+                log.append(_SEQ.pack(seq) + data)
+                written += 1
+        except OSError as exc:
+            lost = len(head) + len(tail) - written
+            self.counters["events_lost_at_shutdown"] += lost
+            logger.error(
+                "runtime.shutdown_spill_failed", events_lost=lost, error=str(exc),
+                path=str(self._spill_dir()),
+                hint="the spill directory's disk is full or unwritable: these events were "
+                "neither acknowledged nor kept",
+            )
+        logger.warning(
+            "runtime.shutdown_spilled",
+            events=written + self._spill_unread,
+            path=str(self._spill_dir()),
+            hint="the next process using this spill directory replays them",
+        )
+
     def stats(self) -> dict[str, Any]:
+        """Counters and queue levels (``lightning.stats()`` returns these)."""
         with self._lock:
             queued = len(self._queue)
             spilled = self._spill_unread
+            held = len(self._held)
+            spill_bytes = self._spill_bytes
         return {
             **self.counters,
             "queued": queued,
             "spilled_unsent": spilled,
+            "held_unspillable": held,
+            "spill_bytes": spill_bytes,
             "inflight_frames": len(self._stream.inflight),
             "connected": self._session,
             "client_id": self.client_id,
@@ -889,8 +1023,12 @@ class Runtime:
 
 
 def _remove_spill_dir(d: Path, fd: int) -> None:
-    for p in d.glob("*.log"):
+    for p in [*d.glob("*.log"), *d.glob(f"{_HEAD}/*.log")]:
         p.unlink(missing_ok=True)
+    try:
+        (d / _HEAD).rmdir()
+    except OSError:
+        pass
     (d / "lock").unlink(missing_ok=True)
     os.close(fd)
     try:
