@@ -200,6 +200,9 @@ class Daemon:
         self._uncommitted: dict[int, Trajectory] = {}
         self._wal_compacted_at = 0
         self._disk_full_since: float | None = None  # monotonic time the WAL stopped growing
+        self._first_seen: dict[str, float] = {}  # open rollout -> when first seen (TTL)
+        self._expiry_id = "expiry-" + self.daemon_id  # the stream of expiry ends
+        self._expiry_seq = 0
 
     # ------------------------------------------------------------------ service
 
@@ -232,6 +235,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 if cfg.stats_interval_s > 0:
                     tg.start_soon(self._stats_loop)
+                tg.start_soon(self._maintenance_loop)
                 task_status.started(self.address)
                 throttle = encode_message(
                     FlowControl(pause_s=0.05, reason="trajectory buffer nearly full")
@@ -383,6 +387,66 @@ class Daemon:
             seconds=round(time.perf_counter() - t0, 3),
         )
         return freed
+
+    # ------------------------------------------------------------ expiry and bounds
+
+    async def _maintenance_loop(self) -> None:
+        cfg = self.config
+        periods = [t / 10 for t in (cfg.rollout_ttl_s, cfg.peer_idle_s) if t > 0]
+        if not periods:
+            return
+        interval = min(5.0, *periods)
+        while True:
+            await anyio.sleep(interval)
+            self.maintain()
+
+    def maintain(self, now: float | None = None) -> int:
+        """Expire open rollouts past ``rollout_ttl_s`` and forget connections silent
+        past ``peer_idle_s``; returns how many rollouts expired. Called periodically."""
+        now = time.monotonic() if now is None else now
+        idle = self.config.peer_idle_s
+        if idle > 0:
+            for peer in [p for p, t in self._peer_seen.items() if now - t > idle]:
+                self.forget_peer(peer)
+                self.counters["peers_forgotten"] += 1
+        return self._expire_rollouts(now) if self.config.rollout_ttl_s > 0 else 0
+
+    def _expire_rollouts(self, now: float) -> int:
+        open_ = self.state.open
+        seen = self._first_seen
+        for rid in [r for r in seen if r not in open_]:
+            del seen[rid]
+        ttl = self.config.rollout_ttl_s
+        expired = []
+        for rid, o in open_.items():
+            t = seen.setdefault(rid, now)
+            if now - t >= ttl:
+                expired.append(RolloutEnd(
+                    rollout_id=rid, status="failed", n_transitions=len(o.transitions),
+                    error=f"expired: no rollout.end within rollout_ttl_s={ttl:g} s",
+                    ended_at=time.time()))
+        if not expired:
+            return 0
+        # ended like any rollout, through the log: recovery sees the same ends
+        first = self._expiry_seq + 1
+        frame = encode_batch(self._expiry_id, first, [encode_event(e) for e in expired])
+        try:
+            self._store(frame)
+        except OSError as exc:
+            self._disk_full(self._expiry_id, exc)
+            return 0  # tried again at the next round
+        self._expiry_seq += len(expired)
+        result = self.state.apply(Batch(client_id=self._expiry_id, first_seq=first,
+                                        events=expired))
+        for traj in result.completed:
+            self._completed(traj)
+        for e in expired:
+            del seen[e.rollout_id]
+        self.counters["rollouts_expired"] += len(expired)
+        logger.warning("daemon.rollouts_expired", count=len(expired), ttl_s=ttl,
+                       hint="their clients never ended them (crashed, or lost the end); "
+                       "the failure policy applies")
+        return len(expired)
 
     async def _stats_loop(self) -> None:
         while True:

@@ -234,3 +234,57 @@ def _hello(cid):
     from lightning._protocol import PROTOCOL_VERSION, Hello
 
     return Hello(protocol_version=PROTOCOL_VERSION, client_id=cid)
+
+
+# ------------------------------------------------------------------ expiry and bounds
+
+
+def test_abandoned_rollouts_expire_through_the_log_and_memory_stays_bounded(tmp_path):
+    """Issue 14.8: 100k rollouts started and never ended are ended as failed after
+    rollout_ttl_s (counted), the daemon's per-rollout tables shrink back, the client's late
+    events are rejected, and recovery sees the same ends."""
+    h = Harness(tmp_path, rollout_ttl_s=60.0, buffer_size=200_000)
+    h.hello()
+    n = 100_000
+    seq = 1
+    for k in range(0, n, 5000):
+        h.send(_batch(seq, [_start(f"a{i}") for i in range(k, k + 5000)]))
+        seq += 5000
+    d = h.daemon
+    assert len(d.state.open) == n and d.maintain(now=1000.0) == 0  # first seen
+    assert d.maintain(now=1059.0) == 0
+    h.send(_batch(seq, [_start("late")]))  # seen later: expires later
+    seq += 1
+    assert d.maintain(now=1060.0) == n
+    assert len(d.state.open) == 1 and list(d._first_seen) == ["late"]
+    assert d.stats()["rollouts_expired"] == n and len(d.buffer) == n
+    t = d.buffer.get_nowait()
+    assert t.status == "failed" and t.error.startswith("expired")
+    ack = h.send(_batch(seq, [_end("a0", 0)]))
+    assert ack.rejected[0].code == "rollout_finished"
+    h.close()
+    state, pending, _ = recover(tmp_path / "data")
+    assert list(state.open) == ["late"] and len(pending) == n
+
+
+def test_silent_connections_are_forgotten_and_told_to_say_hello(h):
+    h.hello("a", peer=b"p1")
+    h.hello("b", peer=b"p2")
+    now = h.daemon._peer_seen[b"p2"]
+    h.daemon._peer_seen[b"p1"] = now - 1000  # silent for 1000 s
+    h.daemon.maintain(now=now)
+    assert set(h.daemon._sessions) == {b"p2"} and set(h.daemon._owner) == {"b"}
+    assert h.daemon.stats()["peers_forgotten"] == 1
+    assert h.send(_batch(1, [_start("x")], cid="a"), b"p1").code == "no_session"
+
+
+def test_frames_between_the_limit_and_the_hard_guard_get_a_nack(tmp_path):
+    from lightning._transport.zmq import hard_frame_limit
+
+    assert hard_frame_limit(64 << 20) > 300 << 20  # the issue's 300 MiB frame is answered
+    h = Harness(tmp_path)
+    h.hello()
+    nack = h.send(b"\x00" * ((64 << 20) + 1))
+    assert nack.code == "frame_too_large" and not nack.retry
+    assert h.daemon.stats()["nacked.frame_too_large"] == 1
+    h.close()
