@@ -333,6 +333,8 @@ def decode_message(data: bytes | memoryview) -> Message:
     """Decode one wire message, raising :class:`ProtocolError` with a stable ``code``."""
     try:
         return _message_decoder.decode(data)
+    except RecursionError as exc:
+        raise ProtocolError(f"invalid message: {exc}", code="invalid") from exc
     except msgspec.ValidationError as exc:
         text = str(exc)
         code = "unknown_tag" if "Invalid value" in text and "$.type" in text else "invalid"
@@ -369,11 +371,13 @@ def decode_frame(data: bytes | memoryview) -> tuple[Message, bool]:
     except msgspec.ValidationError as exc:
         if "$.events[" not in str(exc):
             return decode_message(data), False  # raises with the frame's code
+    except RecursionError:
+        pass  # nested too deep: somewhere in an event, or the envelope (below)
     except (msgspec.DecodeError, UnicodeDecodeError):
         return decode_message(data), False  # raises "malformed"
     try:
         env = _envelope_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"invalid message: {exc}", code="invalid") from exc
     events = [_decode_or_refuse(raw, i) for i, raw in enumerate(env.events)]
     batch = Batch(client_id=env.client_id, first_seq=env.first_seq, events=events,
@@ -384,7 +388,7 @@ def decode_frame(data: bytes | memoryview) -> tuple[Message, bool]:
 def _decode_or_refuse(raw: msgspec.Raw, i: int) -> "StoredEvent":
     try:
         return _stored_event_decoder.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         reason = f"event {i} of the frame is invalid and was refused alone: {exc}"
         return Refused(reason=reason[:_MAX_REASON])
 

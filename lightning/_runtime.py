@@ -232,7 +232,8 @@ class Runtime:
         """Record an event. Never blocks on the network, never raises on delivery."""
         try:
             data = encode_event(event)
-        except (TypeError, OverflowError, ValueError) as exc:  # e.g. an int beyond 64 bits
+        except (TypeError, OverflowError, ValueError, RecursionError) as exc:  # an int beyond
+            # 64 bits, or metadata nested deeper than the daemon's decoder goes
             self.counters["events_dropped_unencodable"] += 1
             logger.error(
                 "runtime.event_unencodable",
