@@ -218,6 +218,7 @@ class Runtime:
                 "frames_resent",
                 "nacks",
                 "fenced",
+                "client_id_conflicts",
                 "daemon_disk_full",
                 "orphan_events_already_acked",
                 "paused_by_daemon",
@@ -539,12 +540,29 @@ class Runtime:
                 self._warned_down = False
                 self._hello_backoff = 0.05
                 self._max_frame_bytes = msg.max_frame_bytes
+                if msg.acked_through >= self._next_seq:  # more than we ever recorded
+                    self.counters["client_id_conflicts"] += 1
+                    logger.error(
+                        "runtime.client_id_conflict", client_id=self.client_id,
+                        daemon_acked_through=msg.acked_through, recorded=self._next_seq - 1,
+                        hint="another connection sent events under this process's client id "
+                        "(it said Hello with it); events recorded from here on may be taken "
+                        "for duplicates: restart this process",
+                    )
                 self._on_ack(Ack(client_id=self.client_id, acked_through=msg.acked_through))
                 # Everything still in flight may have died with the old connection.
                 for f in self._stream.inflight:
                     f.sent_at = 0.0
-                for s in self._orphans:  # a new session: each orphan says Hello again
-                    s.welcomed = False
+                # A new session: each orphan says Hello again. A daemon whose Welcome has no
+                # client_id predates ownership: it takes orphan batches without a Hello (and
+                # its answer to one could not be told from the answer to ours).
+                for s in self._orphans:
+                    s.welcomed = not msg.client_id
+                if msg.client_id:
+                    try:
+                        self._hello_orphans()
+                    except WouldBlock:
+                        pass  # _pump says it again
             case Nack():
                 self._on_nack(msg)
             case Pong():
@@ -769,7 +787,6 @@ class Runtime:
         )
         try:
             self._transport.send(encode_message(hello))  # type: ignore[union-attr]
-            self._hello_orphans()
         except WouldBlock:
             if not self._warned_down and now - self._last_heard > self.config.peer_timeout_s:
                 self._warned_down = True
