@@ -988,7 +988,7 @@ class Runtime:
                     os.close(self._spill_lock_fd)  # releases the flock: now an orphan
                     self._spill_lock_fd = None
         for s in list(self._orphans):
-            self._drop_orphan(s, delivered=False)
+            self._drop_orphan(s, delivered=not (s.has_unsent() or s.inflight))
 
     def _spill_leftovers_locked(self, head: list[Item], tail: list[Item]) -> None:
         written = 0
