@@ -23,7 +23,7 @@ from ._errors import (
     TransportError,
     TransportTimeout,
 )
-from ._lifecycle import LLMEndpoint, get_runtime, init, llm, session, shutdown
+from ._lifecycle import LLMEndpoint, get_runtime, init, llm, session, shutdown, stats
 from ._rollout import (
     LightningWarning,
     RolloutContext,
@@ -69,6 +69,7 @@ __all__ = [
     "session",
     "shutdown",
     "span",
+    "stats",
     "tool",
 ]
 

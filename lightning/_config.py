@@ -38,6 +38,10 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Events held in memory before new ones spill to disk."""
     max_queue_bytes: int = 256 << 20
     """Bytes held in memory before new events spill to disk."""
+    max_spill_bytes: int = 8 << 30
+    """Most bytes in this process's spill log. When it is full (the daemon has not taken
+    events for a long while), newer events are dropped: counted in
+    ``events_dropped_spill_full`` (see ``lightning.stats()``) and logged once per episode."""
     max_batch_events: int = 512
     """Most events per frame."""
     max_batch_bytes: int = 4 << 20
@@ -84,8 +88,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     for token ids and log-probs too."""
 
     def __post_init__(self) -> None:
-        for name in ("max_queue_events", "max_queue_bytes", "max_batch_events",
-                     "max_batch_bytes", "max_inflight_frames"):
+        for name in ("max_queue_events", "max_queue_bytes", "max_spill_bytes",
+                     "max_batch_events", "max_batch_bytes", "max_inflight_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("linger_s", "open_linger_s"):
@@ -129,12 +133,23 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     wal_compact_bytes: int = 256 << 20
     """When the consumer commits and the write-ahead log has grown by this much since the
     last compaction, snapshot the ingest state and delete the log before it (0: never)."""
+    rollout_ttl_s: float = 3600.0
+    """A rollout still open this long after this daemon process first saw it is ended as
+    failed with error 'expired...' (written to the log like any end, counted in
+    ``rollouts_expired``); the trainer's failure policy then drops it or scores it 0, and
+    the client's later events for it are rejected as ``rollout_finished``. 0: never."""
+    peer_idle_s: float = 120.0
+    """A connection silent this long (runtimes ping every second while idle) is forgotten:
+    its session and the client ids it owned; if it speaks again it is told to say Hello."""
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 1024:
             raise ConfigError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
         if self.buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {self.buffer_size}")
+        for name in ("rollout_ttl_s", "peer_idle_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.wal_compact_bytes < 0:
             raise ConfigError(f"wal_compact_bytes must be >= 0, got {self.wal_compact_bytes}")
 

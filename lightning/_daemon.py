@@ -55,7 +55,7 @@ from ._protocol import (
     Welcome,
     check_hello,
     decode_event,
-    decode_message,
+    decode_frame,
     encode_batch,
     encode_event,
     encode_message,
@@ -245,7 +245,10 @@ class Daemon:
         self.state = IngestState(max_finished_remembered=self.config.max_finished_remembered)
         self.buffer = TrajectoryBuffer(self.config.buffer_size, on_commit=self._write_cursor)
         self.counters: Counter[str] = Counter()
-        self._sessions: dict[bytes, str] = {}
+        # Connections own client ids: peer -> the ids it said Hello for, id -> its peer.
+        self._sessions: dict[bytes, set[str]] = {}
+        self._owner: dict[str, bytes] = {}
+        self._peer_seen: dict[bytes, float] = {}  # peer -> last frame (monotonic)
         self._wal: AppendLog | None = None
         self._local_id = "local-" + self.daemon_id
         self._local_seq = 0
@@ -256,6 +259,10 @@ class Daemon:
         self._uncommitted: dict[int, Trajectory] = {}
         self._wal_compacted_at = 0
         self._quarantined_at_start = 0
+        self._disk_full_since: float | None = None  # monotonic time the WAL stopped growing
+        self._first_seen: dict[str, float] = {}  # open rollout -> when first seen (TTL)
+        self._expiry_id = "expiry-" + self.daemon_id  # the stream of expiry ends
+        self._expiry_seq = 0
 
     # ------------------------------------------------------------------ service
 
@@ -290,6 +297,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 if cfg.stats_interval_s > 0:
                     tg.start_soon(self._stats_loop)
+                tg.start_soon(self._maintenance_loop)
                 task_status.started(self.address)
                 throttle = encode_message(
                     FlowControl(pause_s=0.05, reason="trajectory buffer nearly full")
@@ -356,7 +364,8 @@ class Daemon:
         types and checked like a client's (:func:`check_local_event`) before anything
         changes; a refused event takes no sequence number and never reaches the
         write-ahead log. Then, as for a client: append to the log, apply, return the
-        state's rejection if it refused the event (that refusal replays the same way).
+        state's rejection if it refused the event (that refusal replays the same way). A
+        full disk is a ``disk_full`` rejection (retryable; nothing stored).
         """
         wal = self._wal
         if wal is None:
@@ -367,16 +376,46 @@ class Daemon:
             self.state.counters["rejected." + exc.code] += 1
             return Rejection(seq=0, code=exc.code, reason=str(exc))
         seq = self._local_seq + 1
-        wal.append(encode_batch(self._local_id, seq, [data]))
-        if self.config.fsync == "always":
-            wal.sync()
-        else:
-            wal.flush()
+        try:
+            self._store(encode_batch(self._local_id, seq, [data]))
+        except OSError as exc:  # disk full: nothing stored, no sequence number taken
+            self._disk_full(self._local_id, exc)
+            self.state.counters["rejected.disk_full"] += 1
+            return Rejection(seq=0, code="disk_full",
+                             reason=f"the daemon could not store the event ({exc.strerror or exc}):"
+                             " nothing was stored; send it again later")
         self._local_seq = seq
         result = self.state.apply(Batch(client_id=self._local_id, first_seq=seq, events=[event]))
         for traj in result.completed:
             self._completed(traj)
         return result.rejected[0] if result.rejected else None
+
+    def _store(self, frame: bytes | memoryview) -> None:
+        """Append a frame to the write-ahead log; raise ``OSError`` (nothing appended) if
+        the disk refuses it."""
+        wal = self._wal
+        assert wal is not None
+        wal.append(frame, sync=self.config.fsync == "always")
+        if self._disk_full_since is not None:
+            logger.warning("daemon.disk_space_back", data_dir=str(self._data_dir),
+                           seconds_full=round(time.monotonic() - self._disk_full_since, 1))
+            self._disk_full_since = None
+
+    def _disk_full(self, cid: str, exc: OSError) -> bytes:
+        """The frame was not stored: a retryable nack (the client keeps the events)."""
+        if self._disk_full_since is None:
+            self._disk_full_since = time.monotonic()
+            logger.error(
+                "daemon.disk_full", data_dir=str(self._data_dir), error=str(exc),
+                hint="frames are refused (retryable) and nothing is acknowledged until the "
+                "write-ahead log can grow again; free space in the data dir",
+            )
+        return self._nack(
+            "disk_full",
+            f"the daemon could not store the frame ({exc.strerror or exc}): nothing was "
+            "acknowledged; send it again later",
+            client_id=cid, retry=True, retry_after_s=1.0,
+        )
 
     def _completed(self, traj: Trajectory) -> None:
         if traj.index > self.buffer.committed_through:
@@ -385,16 +424,27 @@ class Daemon:
 
     def _write_cursor(self, index: int) -> None:
         tmp = self._data_dir / "cursor.tmp"
-        tmp.write_text(str(index))
-        os.replace(tmp, self._data_dir / "cursor")
+        try:
+            tmp.write_text(str(index))
+            os.replace(tmp, self._data_dir / "cursor")
+        except OSError as exc:  # disk full: the consumer goes on; the next commit retries
+            self.counters["cursor_write_failed"] += 1
+            logger.error("daemon.cursor_write_failed", error=str(exc), index=index,
+                         hint="a restart before the next commit hands these trajectories "
+                         "to the consumer again; free space in the data dir")
+            return
         for i in [i for i in self._uncommitted if i <= index]:
             del self._uncommitted[i]
         limit = self.config.wal_compact_bytes
         # (a consumer may commit while the daemon shuts down: the log is closed by then)
         if limit and self._wal is not None and not self._wal.closed:
-            self._wal.flush()
             if self._wal.size_bytes() - self._wal_compacted_at >= limit:
-                self.compact()
+                try:
+                    self.compact()
+                except OSError as exc:  # the log is intact: compaction waits for space
+                    self.counters["wal_compaction_failed"] += 1
+                    (self._data_dir / (_SNAPSHOT + ".tmp")).unlink(missing_ok=True)
+                    logger.error("daemon.wal_compaction_failed", error=str(exc))
 
     def compact(self) -> int:
         """Snapshot the ingest state and delete the write-ahead log before it; returns the
@@ -427,6 +477,66 @@ class Daemon:
         )
         return freed
 
+    # ------------------------------------------------------------ expiry and bounds
+
+    async def _maintenance_loop(self) -> None:
+        cfg = self.config
+        periods = [t / 10 for t in (cfg.rollout_ttl_s, cfg.peer_idle_s) if t > 0]
+        if not periods:
+            return
+        interval = min(5.0, *periods)
+        while True:
+            await anyio.sleep(interval)
+            self.maintain()
+
+    def maintain(self, now: float | None = None) -> int:
+        """Expire open rollouts past ``rollout_ttl_s`` and forget connections silent
+        past ``peer_idle_s``; returns how many rollouts expired. Called periodically."""
+        now = time.monotonic() if now is None else now
+        idle = self.config.peer_idle_s
+        if idle > 0:
+            for peer in [p for p, t in self._peer_seen.items() if now - t > idle]:
+                self.forget_peer(peer)
+                self.counters["peers_forgotten"] += 1
+        return self._expire_rollouts(now) if self.config.rollout_ttl_s > 0 else 0
+
+    def _expire_rollouts(self, now: float) -> int:
+        open_ = self.state.open
+        seen = self._first_seen
+        for rid in [r for r in seen if r not in open_]:
+            del seen[rid]
+        ttl = self.config.rollout_ttl_s
+        expired = []
+        for rid, o in open_.items():
+            t = seen.setdefault(rid, now)
+            if now - t >= ttl:
+                expired.append(RolloutEnd(
+                    rollout_id=rid, status="failed", n_transitions=len(o.transitions),
+                    error=f"expired: no rollout.end within rollout_ttl_s={ttl:g} s",
+                    ended_at=time.time()))
+        if not expired:
+            return 0
+        # ended like any rollout, through the log: recovery sees the same ends
+        first = self._expiry_seq + 1
+        frame = encode_batch(self._expiry_id, first, [encode_event(e) for e in expired])
+        try:
+            self._store(frame)
+        except OSError as exc:
+            self._disk_full(self._expiry_id, exc)
+            return 0  # tried again at the next round
+        self._expiry_seq += len(expired)
+        result = self.state.apply(Batch(client_id=self._expiry_id, first_seq=first,
+                                        events=expired))
+        for traj in result.completed:
+            self._completed(traj)
+        for e in expired:
+            del seen[e.rollout_id]
+        self.counters["rollouts_expired"] += len(expired)
+        logger.warning("daemon.rollouts_expired", count=len(expired), ttl_s=ttl,
+                       hint="their clients never ended them (crashed, or lost the end); "
+                       "the failure policy applies")
+        return len(expired)
+
     async def _stats_loop(self) -> None:
         while True:
             await anyio.sleep(self.config.stats_interval_s)
@@ -439,13 +549,14 @@ class Daemon:
             "open_rollouts": len(self.state.open),
             "buffered": len(self.buffer),
             "sessions": len(self._sessions),
+            "clients_connected": len(self._owner),
         }
 
     # ------------------------------------------------------------------ frames
 
     def _nack(self, code: str, reason: str, **kw: Any) -> bytes:
         self.counters["nacked." + code] += 1
-        if code not in ("busy", "gap", "no_session"):
+        if code not in ("busy", "gap", "no_session", "disk_full"):
             logger.warning("daemon.frame_refused", code=code, reason=reason)
         return encode_message(Nack(code=code, reason=reason, **kw))
 
@@ -460,12 +571,16 @@ class Daemon:
                 f"{self.config.max_frame_bytes} (--max-frame-bytes)",
             )
         try:
-            msg = decode_message(frame)
+            msg, repaired = decode_frame(frame)
         except ProtocolError as exc:
             return self._nack(exc.code, str(exc))
+        if peer in self._peer_seen:
+            self._peer_seen[peer] = time.monotonic()
         match msg:
             case Batch():
-                return self._on_batch(peer, msg, frame)
+                # a repaired batch (an event refused at decoding) is stored as decoded:
+                # the log holds only what recovery can apply
+                return self._on_batch(peer, msg, encode_message(msg) if repaired else frame)
             case Hello():
                 return self._on_hello(peer, msg)
             case Ping():
@@ -488,32 +603,64 @@ class Daemon:
                 daemon_version=PROTOCOL_VERSION,
             )
             return encode_message(Error(code=exc.code, message=str(exc)))
-        if not hello.client_id:
+        cid = hello.client_id
+        if not cid:
             return self._nack("invalid", "Hello.client_id must not be empty")
-        if self._sessions.get(peer) != hello.client_id:
+        owner = self._owner.get(cid)
+        if owner != peer:
+            if owner is not None:  # a newer connection takes the id over: fence the old
+                self._disown(owner, cid)
+                self.counters["clients_fenced"] += 1
+                logger.warning("daemon.client_id_taken_over", client_id=cid,
+                               reason="a newer connection said Hello with this client id; "
+                               "batches from the older one are refused (fenced)")
             logger.info(
                 "daemon.client_connected",
-                client_id=hello.client_id,
+                client_id=cid,
                 host=hello.host,
                 pid=hello.pid,
                 library_version=hello.library_version,
             )
-        self._sessions[peer] = hello.client_id
+        self._owner[cid] = peer
+        self._sessions.setdefault(peer, set()).add(cid)
+        self._peer_seen[peer] = time.monotonic()
         return encode_message(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
                 daemon_id=self.daemon_id,
-                acked_through=self.state.hwm.get(hello.client_id, 0),
+                acked_through=self.state.hwm.get(cid, 0),
                 max_frame_bytes=self.config.max_frame_bytes,
                 heartbeat_s=self.config.heartbeat_s,
+                client_id=cid,
             )
         )
 
+    def _disown(self, peer: bytes, cid: str) -> None:
+        # the fenced connection keeps its (maybe empty) session, so its next batch for
+        # the id is told "fenced", not "say Hello", and it does not take the id back
+        self._sessions.get(peer, set()).discard(cid)
+
+    def forget_peer(self, peer: bytes) -> None:
+        """Drop a connection's state (it disconnected, or was silent too long); the ids it
+        owned become free, and a later frame from it is told to say Hello again."""
+        for cid in self._sessions.pop(peer, ()):
+            if self._owner.get(cid) == peer:
+                del self._owner[cid]
+        self._peer_seen.pop(peer, None)
+
     def _on_batch(self, peer: bytes, batch: Batch, frame: bytes | memoryview) -> bytes:
         cid = batch.client_id
-        if peer not in self._sessions:
+        if cid not in self._sessions.get(peer, ()):
+            if cid in self._owner and peer in self._sessions:  # another connection owns it
+                return self._nack(
+                    "fenced",
+                    f"client id {cid} belongs to another connection (the last to say Hello "
+                    "for it): this connection's batches for it are refused",
+                    client_id=cid,
+                )
             return self._nack(
-                "no_session", "say Hello first", client_id=cid, retry=True
+                "no_session", f"say Hello for client id {cid} first", client_id=cid,
+                retry=True,
             )
         if batch.first_seq < 1 or not cid:
             return self._nack("invalid", "Batch needs a client_id and first_seq >= 1")
@@ -542,13 +689,10 @@ class Daemon:
             )
         # Durability first: the frame reaches the OS (and the disk with fsync=always)
         # before its events can change state or be acknowledged.
-        wal = self._wal
-        assert wal is not None
-        wal.append(frame)
-        if self.config.fsync == "always":
-            wal.sync()
-        else:
-            wal.flush()
+        try:
+            self._store(frame)
+        except OSError as exc:
+            return self._disk_full(cid, exc)
         result = state.apply(batch)
         for traj in result.completed:
             self._completed(traj)

@@ -17,6 +17,7 @@ from ._errors import ProtocolError
 from ._protocol import (
     Batch,
     Event,
+    Refused,
     Rejection,
     Reward,
     RolloutEnd,
@@ -174,6 +175,11 @@ class IngestState:
             seq += 1
             if seq <= hwm:
                 dups += 1
+                continue
+            if type(event) is Refused:  # did not decode: the daemon refused it alone
+                rejected.append(Rejection(seq=seq, code="invalid", reason=event.reason))
+                self.counters["rejected.invalid"] += 1
+                hwm = seq
                 continue
             try:
                 validate_event(event)

@@ -35,7 +35,7 @@ from ._transport.base import ClientTransport
 
 logger = structlog.get_logger()
 
-__all__ = ["LLMEndpoint", "get_runtime", "init", "llm", "session", "shutdown"]
+__all__ = ["LLMEndpoint", "get_runtime", "init", "llm", "session", "shutdown", "stats"]
 
 _current: Runtime | None = None
 _thread_runner: _ThreadRunner | None = None
@@ -66,6 +66,16 @@ def llm() -> LLMEndpoint:
 def get_runtime() -> Runtime | None:
     """The process's current runtime, or None before ``init``/``session``."""
     return _current
+
+
+def stats() -> dict[str, Any]:
+    """The runtime's counters and queue levels: events submitted, acknowledged, rejected,
+    spilled, dropped (and why), spill bytes, whether connected... ``{"running": False}``
+    before ``init``/``session`` (and after ``shutdown``)."""
+    rt = _current
+    if rt is None:
+        return {"running": False}
+    return {"running": True, **rt.stats()}
 
 
 class _ThreadRunner:

@@ -5,14 +5,21 @@ of their first record. A record is::
 
     u32 little-endian payload length | u32 little-endian crc32(payload) | payload
 
-Appends go through one buffered file handle and reach the OS at :meth:`flush` (which is
-what a SIGKILL-safe acknowledgement needs); :meth:`sync` additionally fsyncs, for power
-loss. On open, a torn or corrupt tail (a crash in the middle of a write) is truncated
-away and reported; everything before it is intact by construction.
+Each append is one ``writev`` system call, so a record is in the OS when
+:meth:`AppendLog.append` returns (what a SIGKILL-safe acknowledgement needs);
+:meth:`AppendLog.sync` additionally fsyncs, for power loss. An append that fails (disk
+full, a short write) is undone, the file truncated back to the record before it, and the
+``OSError`` raised: the log never holds a torn record it did not report, so the caller
+can refuse (the daemon's retryable ``disk_full`` nack) or keep the record elsewhere (the
+runtime's memory queue) and try again later. On open, a torn or corrupt tail (a crash
+in the middle of a write) is truncated away and reported; everything before it is intact
+by construction. Reading streams record by record: memory stays bounded by one record
+whatever the size of the log.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -45,36 +52,56 @@ class AppendLog:
         else:
             self._segments.append(self.directory / f"{0:020d}{_SUFFIX}")
         self._tail = self._segments[-1]
-        self._fh = open(self._tail, "ab")
-        self._tail_size = self._fh.tell()
+        self._fd = _open_tail(self._tail)
+        self._tail_size = os.fstat(self._fd).st_size
         self.records_appended = 0
 
     # ----------------------------------------------------------------- writing
 
-    def append(self, payload: bytes | memoryview) -> None:
+    def append(self, payload: bytes | memoryview, *, sync: bool = False) -> None:
+        """Append one record (one system call; ``sync``: then fsync). On ``OSError``
+        nothing was appended."""
         if self._tail_size >= self.segment_bytes:
             self._rotate()
-        self._fh.write(_HEADER.pack(len(payload), zlib.crc32(payload)))
-        self._fh.write(payload)
-        self._tail_size += _HEADER.size + len(payload)
+        header = _HEADER.pack(len(payload), zlib.crc32(payload))
+        size = _HEADER.size + len(payload)
+        try:
+            written = os.writev(self._fd, (header, payload))
+            if written != size:  # the file system ran out of space mid-record
+                raise OSError(errno.ENOSPC, f"short write: {written} of {size} bytes")
+            if sync:
+                os.fsync(self._fd)
+        except OSError:
+            self._undo()
+            raise
+        self._tail_size += size
         self.records_appended += 1
 
+    def _undo(self) -> None:
+        """Cut the tail back to the last whole record (after a failed append or sync)."""
+        try:
+            os.ftruncate(self._fd, self._tail_size)
+        except OSError as exc:  # the next open repairs the torn tail instead
+            logger.error("log.undo_failed", path=str(self._tail), error=str(exc))
+
     def flush(self) -> None:
-        """Hand buffered records to the OS: they survive the process being killed."""
-        self._fh.flush()
+        """Records are in the OS once appended: kept so callers need not know."""
 
     def sync(self) -> None:
-        """Flush and fsync: records survive a machine crash too."""
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        """fsync: records survive a machine crash too."""
+        os.fsync(self._fd)
+
+    @property
+    def size_of_tail(self) -> int:
+        return self._tail_size
 
     def _rotate(self) -> None:
-        self._fh.flush()
-        self._fh.close()
         start = int(self._tail.stem) + self._tail_size
-        self._tail = self.directory / f"{start:020d}{_SUFFIX}"
-        self._segments.append(self._tail)
-        self._fh = open(self._tail, "ab")
+        tail = self.directory / f"{start:020d}{_SUFFIX}"
+        fd = _open_tail(tail)  # may fail (disk full): the current segment stays the tail
+        os.close(self._fd)
+        self._fd, self._tail = fd, tail
+        self._segments.append(tail)
         self._tail_size = 0
 
     def rotate(self) -> str:
@@ -102,19 +129,20 @@ class AppendLog:
 
     def iter_from(self, name: str) -> Iterator[bytes]:
         """The records of segment ``name`` and every later one, in append order."""
-        self._fh.flush()
         for seg in list(self._segments):
             if seg.name >= name:
                 yield from _read_segment(seg)
 
     def __iter__(self) -> Iterator[bytes]:
-        """All records in append order (flushes pending appends first)."""
-        self._fh.flush()
+        """All records in append order."""
         for seg in list(self._segments):
             yield from _read_segment(seg)
 
+    def count(self) -> int:
+        """How many records the log holds (reads the headers only)."""
+        return sum(_count_segment(seg) for seg in list(self._segments))
+
     def size_bytes(self) -> int:
-        self._fh.flush()
         return sum(s.stat().st_size for s in self._segments if s.exists())
 
     def is_empty(self) -> bool:
@@ -124,22 +152,22 @@ class AppendLog:
 
     def reset(self) -> None:
         """Drop every record (after they were all delivered)."""
-        self._fh.close()
+        self.close()
         for seg in self._segments:
             seg.unlink(missing_ok=True)
         self._segments = [self.directory / f"{0:020d}{_SUFFIX}"]
         self._tail = self._segments[0]
-        self._fh = open(self._tail, "ab")
+        self._fd = _open_tail(self._tail)
         self._tail_size = 0
 
     @property
     def closed(self) -> bool:
-        return self._fh.closed
+        return self._fd < 0
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.flush()
-            self._fh.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def destroy(self) -> None:
         """Close and delete the log directory's segments (and the directory if empty)."""
@@ -152,18 +180,8 @@ class AppendLog:
             pass
 
     def _repair_tail(self, seg: Path) -> None:
-        good = 0
-        with open(seg, "rb") as f:
-            data = f.read()
-        pos = 0
-        n = len(data)
-        while pos + _HEADER.size <= n:
-            length, crc = _HEADER.unpack_from(data, pos)
-            end = pos + _HEADER.size + length
-            if end > n or zlib.crc32(data[pos + _HEADER.size : end]) != crc:
-                break
-            pos = end
-            good = pos
+        n = seg.stat().st_size
+        good = _intact_prefix(seg)
         if good != n:
             self.truncated_bytes = n - good
             logger.warning(
@@ -176,6 +194,44 @@ class AppendLog:
             )
             with open(seg, "r+b") as f:
                 f.truncate(good)
+
+
+def _open_tail(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+def _intact_prefix(seg: Path) -> int:
+    """Bytes of ``seg`` made of whole, checksummed records (streamed: bounded memory)."""
+    good = 0
+    with open(seg, "rb") as f:
+        while True:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return good
+            length, crc = _HEADER.unpack(header)
+            payload = f.read(length)
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                return good
+            good += _HEADER.size + length
+
+
+def _count_segment(seg: Path) -> int:
+    n = 0
+    try:
+        f = open(seg, "rb")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos + _HEADER.size <= size:
+            f.seek(pos)
+            (length,) = struct.unpack("<I", f.read(4))
+            if pos + _HEADER.size + length > size:
+                break
+            pos += _HEADER.size + length
+            n += 1
+    return n
 
 
 class LogReader:

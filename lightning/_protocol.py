@@ -67,14 +67,17 @@ __all__ = [
     "Nack",
     "Ping",
     "Pong",
+    "Refused",
     "Rejection",
     "Reward",
     "RolloutEnd",
     "RolloutStart",
     "Span",
+    "StoredEvent",
     "Transition",
     "Welcome",
     "decode_event",
+    "decode_frame",
     "decode_message",
     "encode_batch",
     "encode_event",
@@ -195,6 +198,23 @@ class RolloutEnd(_Base, tag="rollout.end"):
 Event = Union[RolloutStart, Transition, Reward, Span, RolloutEnd]
 
 
+class Refused(_Base, tag="refused"):
+    """An event the daemon refused before storing it (it did not decode as an event).
+
+    The daemon writes this in its write-ahead log in place of the event, so recovery
+    advances the sequence numbers and counts the rejection exactly as the live daemon
+    did, and the log holds only what recovery can apply. A client never needs to send
+    it; one that does rejects its own event.
+    """
+
+    reason: str
+    """Why the event was refused (the decoder's error, naming the field)."""
+
+
+StoredEvent = Union[RolloutStart, Transition, Reward, Span, RolloutEnd, Refused]
+"""What a :class:`Batch` holds: the events, or the daemon's placeholders for refused ones."""
+
+
 # ------------------------------------------------------------------------- messages
 
 
@@ -219,6 +239,9 @@ class Welcome(_Base, tag="welcome"):
     """Highest sequence number of this client already stored (0 if none): resume after."""
     max_frame_bytes: int
     heartbeat_s: float
+    client_id: str = ""
+    """The client id of the Hello this answers (a connection may own several: its own and
+    the dead processes' whose spill logs it replays); '' from older daemons."""
 
 
 class Ping(_Base, tag="ping"):
@@ -234,7 +257,7 @@ class Batch(_Base, tag="batch"):
 
     client_id: str
     first_seq: int
-    events: list[Event]
+    events: list[StoredEvent]
     resync: bool = False
     """Set when the sender no longer holds sequence numbers before ``first_seq`` (they
     were lost with a crashed process): the daemon then accepts the gap instead of
@@ -261,8 +284,9 @@ class Nack(_Base, tag="nack"):
     """A whole frame was refused.
 
     ``retry`` tells whether sending again can succeed: after ``no_session`` (say Hello
-    first), ``gap`` (resend from ``expected_seq``) or ``busy`` (wait ``retry_after_s``).
-    Malformed or oversized frames are not retryable.
+    first, for this ``client_id``), ``gap`` (resend from ``expected_seq``), ``busy`` or
+    ``disk_full`` (wait ``retry_after_s``). ``fenced``: a newer connection said Hello
+    with this client id and owns it now. Malformed or oversized frames are not retryable.
     """
 
     code: str
@@ -309,12 +333,64 @@ def decode_message(data: bytes | memoryview) -> Message:
     """Decode one wire message, raising :class:`ProtocolError` with a stable ``code``."""
     try:
         return _message_decoder.decode(data)
+    except RecursionError as exc:
+        raise ProtocolError(f"invalid message: {exc}", code="invalid") from exc
     except msgspec.ValidationError as exc:
         text = str(exc)
         code = "unknown_tag" if "Invalid value" in text and "$.type" in text else "invalid"
         raise ProtocolError(f"invalid message: {text}", code=code) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed frame: {exc}", code="malformed") from exc
+
+
+class _BatchEnvelope(_Base, tag="batch"):
+    # Decoding-side twin of Batch whose events stay encoded: when one event of a frame
+    # does not decode, the others are decoded one by one (see decode_frame).
+    client_id: str
+    first_seq: int
+    events: list[msgspec.Raw]
+    resync: bool = False
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(_BatchEnvelope)
+_stored_event_decoder = msgspec.msgpack.Decoder(StoredEvent)
+_MAX_REASON = 500
+
+
+def decode_frame(data: bytes | memoryview) -> tuple[Message, bool]:
+    """Decode one frame from a client; events are refused one by one, never per frame.
+
+    Returns ``(message, repaired)``. A :class:`Batch` with an event that does not decode
+    (a wrong type, a missing field) comes back with a :class:`Refused` in that event's
+    place and ``repaired=True``: the caller stores ``encode_message(message)``, not the
+    frame. Anything else that does not decode raises :class:`ProtocolError`, as
+    :func:`decode_message`.
+    """
+    try:
+        return _message_decoder.decode(data), False
+    except msgspec.ValidationError as exc:
+        if "$.events[" not in str(exc):
+            return decode_message(data), False  # raises with the frame's code
+    except RecursionError:
+        pass  # nested too deep: somewhere in an event, or the envelope (below)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return decode_message(data), False  # raises "malformed"
+    try:
+        env = _envelope_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"invalid message: {exc}", code="invalid") from exc
+    events = [_decode_or_refuse(raw, i) for i, raw in enumerate(env.events)]
+    batch = Batch(client_id=env.client_id, first_seq=env.first_seq, events=events,
+                  resync=env.resync)
+    return batch, True
+
+
+def _decode_or_refuse(raw: msgspec.Raw, i: int) -> "StoredEvent":
+    try:
+        return _stored_event_decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = f"event {i} of the frame is invalid and was refused alone: {exc}"
+        return Refused(reason=reason[:_MAX_REASON])
 
 
 def decode_event(data: bytes | memoryview) -> Event:

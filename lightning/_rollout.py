@@ -392,6 +392,8 @@ def rollout(
     """
     if nested not in ("child", "inline"):
         raise ValueError(f"nested must be 'child' or 'inline', got {nested!r}")
+    _check_args("rollout", name=(name, (str, type(None)), "a str or None"),
+                metadata=(metadata, (Mapping, type(None)), "a mapping or None"))
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
@@ -456,6 +458,7 @@ def emit_reward(
     ``value`` is a number, or a mapping of named rewards; with several names,
     ``primary`` says which one is the reward (the others are kept as components).
     """
+    _check_args("emit_reward", name=(name, (str, type(None)), "a str or None"))
     if isinstance(value, Mapping):
         if not value:
             raise ValueError("emit_reward got an empty mapping: give at least one reward")
@@ -513,6 +516,18 @@ def _finite(value: Any, what: str) -> float:
     return v
 
 
+def _check_args(what: str, **args: tuple[Any, Any, str]) -> None:
+    """Raise TypeError naming the first argument whose value is not of its type.
+
+    The daemon refuses an event with a field of the wrong type; checked here, the mistake
+    reaches the caller at the call instead of a log line later. bool is not an int here.
+    """
+    for name, (value, types, expected) in args.items():
+        bad_bool = isinstance(value, bool) and types in (int, numbers.Real)
+        if bad_bool or not isinstance(value, types):
+            raise TypeError(f"{what}: {name} must be {expected}, got {value!r}")
+
+
 def record_transition(
     prompt_ids: Any,
     response_ids: Any,
@@ -533,6 +548,15 @@ def record_transition(
     must have one entry per response token. Returns the transition's index in its
     rollout (None if nothing was recorded).
     """
+    _check_args(
+        "record_transition",
+        policy_version=(policy_version, int, "an int (-1 when unknown)"),
+        model=(model, str, "a str ('' when unknown)"),
+        finish_reason=(finish_reason, str, "a str such as 'stop' or 'length' ('' when unknown)"),
+        trainable=(trainable, bool, "True or False"),
+        latency_s=(latency_s, numbers.Real, "a number of seconds"),
+        metadata=(metadata, (Mapping, type(None)), "a mapping or None"),
+    )
     prompt = pack_ids(prompt_ids)
     response = pack_ids(response_ids)
     lp = b"" if logprobs is None else pack_logprobs(logprobs)
@@ -709,6 +733,8 @@ def span(
     sync or async context manager. Outside a rollout the block still runs; nothing is
     recorded (see the outside-rollout policy).
     """
+    _check_args("span", name=(name, str, "a str"),
+                kind=(kind, str, "a str such as 'tool' or 'custom'"))
     ctx = _resolve("span", rollout)
     return SpanHandle(name, kind, dict(attributes), ctx)
 
@@ -727,6 +753,15 @@ def emit_span(
     """Record an observation that already happened (a tool result, an error...)."""
     if status not in ("ok", "error"):
         raise ValueError(f"status must be 'ok' or 'error', got {status!r}")
+    _check_args(
+        "emit_span",
+        name=(name, str, "a str"),
+        kind=(kind, str, "a str such as 'tool' or 'custom'"),
+        error=(error, (str, type(None)), "a str or None"),
+        attributes=(attributes, (Mapping, type(None)), "a mapping or None"),
+        start_time=(start_time, (numbers.Real, type(None)), "a Unix time in seconds or None"),
+        end_time=(end_time, (numbers.Real, type(None)), "a Unix time in seconds or None"),
+    )
     ctx = _resolve("emit_span", rollout)
     if ctx is None:
         return

@@ -71,6 +71,8 @@ logger = structlog.get_logger()
 __all__ = ["Runtime"]
 
 _SEQ = struct.Struct("<Q")
+_SPILL_OVERHEAD = _SEQ.size + 8  # a spill record's bytes beyond the event (seq, log header)
+_HEAD = "head"  # a spill directory's log of what was in flight at shutdown (read first)
 _PUMP_BUDGET = 2 << 20  # bytes sent per turn of the send loop before yielding
 Item = tuple[int, bytes]  # (sequence number, encoded event)
 
@@ -99,7 +101,53 @@ class _Stream:
         # A dead process's spill log may lack what it held only in memory: its first
         # frame tells the daemon to accept the gap.
         self.resync_next = orphan
-        self.pending: deque[Item] = deque()  # orphans: records left to send
+        self.welcomed = not orphan  # orphans: the daemon answered our Hello for this id
+        self.pending: deque[Item] = deque()  # orphans: records read ahead, not yet sent
+        self.remaining = 0  # orphans: records in the logs not read yet
+        self.sources: list[tuple[AppendLog, LogReader]] = []  # orphans: head, then main
+        self.last_read = 0  # orphans: highest sequence number read so far
+        self.lock_fd = -1
+        self.path: Path | None = None
+
+    def open_logs(self, d: Path) -> None:
+        """Orphans: the spill directory's logs, in replay order (see Runtime._finalize)."""
+        for path in (d / _HEAD, d):
+            if path.is_dir():
+                log = AppendLog(path)
+                self.remaining += log.count()
+                self.sources.append((log, LogReader(log)))
+
+    def read_ahead(self, max_items: int, max_bytes: int) -> int:
+        """Orphans: read the next records (a frame's worth: bounded memory), skipping what
+        the daemon acknowledged or was read already; returns how many were skipped."""
+        skipped = 0
+        while not self.pending and self.remaining and self.sources:
+            records = self.sources[0][1].read(min(max_items, self.remaining), max_bytes)
+            if not records:  # this log is done: the next one
+                log, reader = self.sources.pop(0)
+                reader.close()
+                log.close()
+                if not self.sources:
+                    self.remaining = 0
+                continue
+            self.remaining -= len(records)
+            for rec in records:
+                (seq,) = _SEQ.unpack_from(rec)
+                if seq > self.acked_through and seq > self.last_read:
+                    self.pending.append((seq, rec[_SEQ.size :]))
+                    self.last_read = seq
+                else:
+                    skipped += 1
+        return skipped
+
+    def has_unsent(self) -> bool:
+        return bool(self.pending or self.remaining)
+
+    def close_log(self) -> None:
+        for log, reader in self.sources:
+            reader.close()
+            log.close()
+        self.sources.clear()
 
 
 class Runtime:
@@ -124,6 +172,12 @@ class Runtime:
         self._spill_lock_fd: int | None = None
         self._spill_reader: LogReader | None = None
         self._spill_unread = 0  # records appended to the spill log and not read back yet
+        self._spill_bytes = 0  # bytes in the spill log (max_spill_bytes caps it)
+        # events that could not be spilled (disk full), kept in memory behind the spill
+        self._held: deque[Item] = deque()
+        self._held_bytes = 0
+        self._spill_broken = False  # said once per episode
+        self._overflowing = False
         self._stream = _Stream(self.client_id)
         self._orphans: list[_Stream] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,10 +209,18 @@ class Runtime:
                 "events_spilled",
                 "events_dropped_oversize",
                 "events_dropped_unencodable",
+                "events_dropped_spill_full",
+                "events_dropped_spill_failed",
+                "events_lost_at_shutdown",
+                "spill_failures",
                 "events_after_shutdown",
                 "frames_sent",
                 "frames_resent",
                 "nacks",
+                "fenced",
+                "client_id_conflicts",
+                "daemon_disk_full",
+                "orphan_events_already_acked",
                 "paused_by_daemon",
                 "reconnects",
             ),
@@ -171,7 +233,8 @@ class Runtime:
         """Record an event. Never blocks on the network, never raises on delivery."""
         try:
             data = encode_event(event)
-        except (TypeError, OverflowError, ValueError) as exc:  # e.g. an int beyond 64 bits
+        except (TypeError, OverflowError, ValueError, RecursionError) as exc:  # an int beyond
+            # 64 bits, or metadata nested deeper than the daemon's decoder goes
             self.counters["events_dropped_unencodable"] += 1
             logger.error(
                 "runtime.event_unencodable",
@@ -205,15 +268,18 @@ class Runtime:
                         "not kept; shut down after the agents finish",
                     )
                 return
-            seq = self._take_seq()
             self.counters["events_submitted"] += 1
             if (
                 self._spilling
                 or len(self._queue) >= cfg.max_queue_events
                 or self._queue_bytes + size > cfg.max_queue_bytes
             ):
+                if not self._overflow_locked(event, size):
+                    return
+                seq = self._take_seq()
                 self._spill_locked(seq, data)
             else:
+                seq = self._take_seq()
                 self._queue.append((seq, data))
                 self._queue_bytes += size
             wake = self._idle
@@ -265,38 +331,108 @@ class Runtime:
             )
         return self._spill
 
+    def _overflow_locked(self, event: Event, size: int) -> bool:
+        """Whether an event that does not fit in memory can be kept (spilled or held).
+
+        The overflow policy, when the spill log holds ``max_spill_bytes`` (or the spill
+        failed and ``max_queue_bytes`` more wait in memory behind it): the newest event is
+        dropped, counted and said once per episode. It never takes a sequence number, so
+        the stream the daemon sees has no gap; its rollout arrives incomplete (flagged).
+        """
+        if self._held:
+            full, counter = self._held_bytes + size > self.config.max_queue_bytes, "spill_failed"
+        else:
+            full = self._spill_bytes + _SPILL_OVERHEAD + size > self.config.max_spill_bytes
+            counter = "spill_full"
+        if not full:
+            return True
+        self.counters["events_dropped_" + counter] += 1
+        if not self._overflowing:
+            self._overflowing = True
+            logger.error(
+                "runtime.events_dropped", reason=counter, rollout_id=event.rollout_id,
+                spill_bytes=self._spill_bytes, max_spill_bytes=self.config.max_spill_bytes,
+                hint="the daemon is not taking events and the spill log is full (or "
+                "unwritable): newer events are dropped until it catches up; raise "
+                "max_spill_bytes or free the spill directory's disk",
+            )
+        return False
+
     def _spill_locked(self, seq: int, data: bytes) -> None:
-        log = self._open_spill_locked()
-        log.append(_SEQ.pack(seq) + data)
-        self._spilling = True
-        self._spill_unread += 1
+        self._spilling = True  # from here on, events go behind the spill log, in order
         self.counters["events_spilled"] += 1
+        if not self._held:
+            try:
+                self._open_spill_locked().append(_SEQ.pack(seq) + data)
+            except OSError as exc:
+                self._spill_failed_locked(exc)
+            else:
+                self._spill_unread += 1
+                self._spill_bytes += _SPILL_OVERHEAD + len(data)
+                self._spill_broken = False
+                return
+        # The spill log cannot take it (disk full, unwritable directory): keep it in
+        # memory behind what the log holds, until the log is drained.
+        self._held.append((seq, data))
+        self._held_bytes += len(data)
+
+    def _spill_failed_locked(self, exc: OSError) -> None:
+        self.counters["spill_failures"] += 1
+        if not self._spill_broken:
+            self._spill_broken = True
+            logger.error(
+                "runtime.spill_failed", path=str(self._spill_dir()), error=str(exc),
+                hint=f"events are kept in memory (up to max_queue_bytes="
+                f"{self.config.max_queue_bytes}) and sent when the daemon is back; free "
+                "disk space in the spill directory to spill again",
+            )
 
     def _read_spill(self, max_items: int, max_bytes: int) -> list[Item]:
         """Read the next spilled records, in order (called by the sender only)."""
         with self._lock:
-            if self._spill is None or self._spill_unread == 0:
-                return []
+            if self._spill_unread == 0:
+                return self._take_held_locked(max_items, max_bytes)
             if self._spill_reader is None:
                 self._spill_reader = LogReader(self._spill)
             records = self._spill_reader.read(min(max_items, self._spill_unread), max_bytes)
             self._spill_unread -= len(records)
         return [(_SEQ.unpack_from(rec)[0], rec[_SEQ.size :]) for rec in records]
 
+    def _take_held_locked(self, max_items: int, max_bytes: int) -> list[Item]:
+        items: list[Item] = []
+        nbytes = 0
+        held = self._held
+        while held and len(items) < max_items and (not items or nbytes + len(held[0][1]) <= max_bytes):
+            it = held.popleft()
+            items.append(it)
+            nbytes += len(it[1])
+        self._held_bytes -= nbytes
+        return items
+
     def _maybe_finish_spill(self) -> None:
         """Once every spilled record is read and acknowledged, drop the log."""
         with self._lock:
             if (
-                self._spill is not None
-                and self._spilling
+                self._spilling
                 and self._spill_unread == 0
+                and not self._held
                 and not self._stream.inflight
             ):
                 if self._spill_reader is not None:
                     self._spill_reader.close()
                     self._spill_reader = None
-                self._spill.reset()
+                if self._spill is not None:
+                    try:
+                        self._spill.reset()
+                    except OSError as exc:  # recreating the segment failed: retry later
+                        self._spill_failed_locked(exc)
+                        self._spill = None
+                        if self._spill_lock_fd is not None:
+                            os.close(self._spill_lock_fd)
+                            self._spill_lock_fd = None
+                self._spill_bytes = 0
                 self._spilling = False
+                self._overflowing = False  # a new episode may be said again
                 logger.info("runtime.spill_drained")
 
     # ================================================================ orphan replay
@@ -314,24 +450,22 @@ class Runtime:
             except BlockingIOError:
                 os.close(fd)  # a live process owns it
                 continue
-            log = AppendLog(d)
-            records: dict[int, bytes] = {}
-            for rec in log:
-                (seq,) = _SEQ.unpack_from(rec)
-                records[seq] = rec[_SEQ.size :]
-            log.close()
-            if not records:
+            # Streamed, never read whole: records are read a frame at a time as the
+            # window allows, and those the daemon acknowledged (its Welcome for this
+            # client id says how far) are skipped unsent.
+            stream = _Stream(d.name, orphan=True)
+            stream.open_logs(d)
+            n = stream.remaining
+            if not n:
+                stream.close_log()
                 _remove_spill_dir(d, fd)
                 continue
-            stream = _Stream(d.name, orphan=True)
-            stream.pending.extend(sorted(records.items()))
-            stream.lock_fd = fd  # type: ignore[attr-defined]
-            stream.path = d  # type: ignore[attr-defined]
+            stream.lock_fd, stream.path = fd, d
             self._orphans.append(stream)
             logger.warning(
                 "runtime.replaying_orphan_spill",
                 path=str(d),
-                events=len(records),
+                events=n,
                 client_id=d.name,
             )
 
@@ -387,6 +521,13 @@ class Runtime:
         match msg:
             case Ack():
                 self._on_ack(msg)
+            case Welcome() if msg.client_id not in ("", self.client_id):
+                stream = self._stream_for(msg.client_id)
+                if stream is not None:  # an orphan's Hello answered: resume after its ack
+                    stream.welcomed = True
+                    self._on_ack(Ack(client_id=msg.client_id, acked_through=msg.acked_through))
+                    for f in stream.inflight:
+                        f.sent_at = 0.0
             case Welcome():
                 if msg.daemon_id != self._daemon_id:
                     logger.info(
@@ -399,11 +540,29 @@ class Runtime:
                 self._warned_down = False
                 self._hello_backoff = 0.05
                 self._max_frame_bytes = msg.max_frame_bytes
+                if msg.acked_through >= self._next_seq:  # more than we ever recorded
+                    self.counters["client_id_conflicts"] += 1
+                    logger.error(
+                        "runtime.client_id_conflict", client_id=self.client_id,
+                        daemon_acked_through=msg.acked_through, recorded=self._next_seq - 1,
+                        hint="another connection sent events under this process's client id "
+                        "(it said Hello with it); events recorded from here on may be taken "
+                        "for duplicates: restart this process",
+                    )
                 self._on_ack(Ack(client_id=self.client_id, acked_through=msg.acked_through))
                 # Everything still in flight may have died with the old connection.
-                for s in self._streams():
-                    for f in s.inflight:
-                        f.sent_at = 0.0
+                for f in self._stream.inflight:
+                    f.sent_at = 0.0
+                # A new session: each orphan says Hello again. A daemon whose Welcome has no
+                # client_id predates ownership: it takes orphan batches without a Hello (and
+                # its answer to one could not be told from the answer to ours).
+                for s in self._orphans:
+                    s.welcomed = not msg.client_id
+                if msg.client_id:
+                    try:
+                        self._hello_orphans()
+                    except WouldBlock:
+                        pass  # _pump says it again
             case Nack():
                 self._on_nack(msg)
             case Pong():
@@ -456,9 +615,34 @@ class Runtime:
 
     def _on_nack(self, nack: Nack) -> None:
         self.counters["nacks"] += 1
+        orphan = self._stream_for(nack.client_id)
+        if orphan is self._stream:
+            orphan = None
         match nack.code:
+            case "no_session" if orphan is not None:
+                orphan.welcomed = False
             case "no_session":
                 self._session = False
+            case "fenced" if orphan is not None:
+                # another connection said Hello with this dead process's id and replays
+                # its log: leave the log to it
+                self.counters["fenced"] += 1
+                logger.error("runtime.orphan_fenced", client_id=nack.client_id,
+                             reason=nack.reason)
+                self._drop_orphan(orphan, delivered=False)
+            case "fenced":
+                self.counters["fenced"] += 1
+                self._session = False  # say Hello again: it takes our client id back
+                logger.error(
+                    "runtime.fenced", client_id=nack.client_id, reason=nack.reason,
+                    hint="another connection said Hello with this process's client id",
+                )
+            case "disk_full":
+                self.counters["daemon_disk_full"] += 1
+                if self.counters["daemon_disk_full"] == 1:
+                    logger.warning("runtime.daemon_disk_full", reason=nack.reason,
+                                   hint="events are kept and resent when the daemon has space")
+                self._on_busy(nack)
             case "gap":
                 stream = self._stream_for(nack.client_id)
                 if stream is None or stream.rewound_to == nack.expected_seq:
@@ -471,10 +655,7 @@ class Runtime:
                     stream.inflight[0].resync = True
                     stream.inflight[0].payload = None
             case "busy":
-                self._paused_until = time.monotonic() + max(nack.retry_after_s, 0.01)
-                for s in self._streams():
-                    for f in s.inflight:
-                        f.sent_at = 0.0
+                self._on_busy(nack)
             case _:
                 logger.error(
                     "runtime.frame_refused",
@@ -490,6 +671,21 @@ class Runtime:
                         f = stream.inflight[0]
                         self.counters["events_rejected"] += len(f.items)
                         self._on_ack(Ack(client_id=stream.client_id, acked_through=f.last))
+
+    def _on_busy(self, nack: Nack) -> None:
+        self._paused_until = time.monotonic() + max(nack.retry_after_s, 0.01)
+        for s in self._streams():
+            for f in s.inflight:
+                f.sent_at = 0.0
+
+    def _drop_orphan(self, s: _Stream, *, delivered: bool) -> None:
+        self._orphans.remove(s)
+        s.close_log()
+        if delivered:
+            _remove_spill_dir(s.path, s.lock_fd)
+            logger.info("runtime.orphan_spill_delivered", client_id=s.client_id)
+        else:  # undelivered records stay in their directory for a later process
+            os.close(s.lock_fd)
 
     async def _send_loop(self) -> None:
         cfg = self.config
@@ -513,15 +709,13 @@ class Runtime:
                 return
             self._maybe_finish_spill()
             for s in list(self._orphans):
-                if not s.pending and not s.inflight:
-                    self._orphans.remove(s)
-                    _remove_spill_dir(s.path, s.lock_fd)  # type: ignore[attr-defined]
-                    logger.info("runtime.orphan_spill_delivered", client_id=s.client_id)
+                if not s.has_unsent() and not s.inflight:
+                    self._drop_orphan(s, delivered=True)
             if self._spill is not None:
                 with self._lock:
                     self._spill.flush()
             with self._lock:
-                has_work = bool(self._queue) or self._spill_unread > 0
+                has_work = bool(self._queue or self._held) or self._spill_unread > 0
                 self._idle = not has_work
             timeout = cfg.heartbeat_s
             if not self._session:
@@ -551,7 +745,7 @@ class Runtime:
         """
         cfg = self.config
         with self._lock:
-            n, spilled = len(self._queue), self._spill_unread
+            n, spilled = len(self._queue), self._spill_unread + len(self._held)
             ends = n > 0 and self._urgent_seq >= self._queue[0][0]
             limit = cfg.linger_s if ends else max(cfg.linger_s, cfg.open_linger_s)
             left = 0.0
@@ -604,6 +798,16 @@ class Runtime:
                 )
         self._hello_backoff = min(self._hello_backoff * 2, 2.0)
 
+    def _hello_orphans(self) -> None:
+        """Say Hello for each dead process's client id whose log we replay: the daemon
+        ties the id to this connection (a newer Hello takes an id over, and batches for
+        an id this connection has not said Hello for are refused)."""
+        for s in self._orphans:
+            if not s.welcomed:
+                self._transport.send(encode_message(Hello(  # type: ignore[union-attr]
+                    protocol_version=PROTOCOL_VERSION, client_id=s.client_id,
+                    pid=os.getpid(), host=socket.gethostname(), library_version=_version())))
+
     def _check_silence(self, now: float) -> None:
         """Say Hello again when the daemon has been silent too long while we wait on it."""
         if not self._session:
@@ -633,8 +837,14 @@ class Runtime:
         spill log never holds the app's loop for long.
         """
         self._budget = _PUMP_BUDGET
+        if any(not s.welcomed for s in self._orphans) and now - self._last_hello > 0.5:
+            self._last_hello = now  # an orphan's Hello or Welcome was lost: say it again
+            try:
+                self._hello_orphans()
+            except WouldBlock:
+                return False
         for stream in self._streams():
-            if not self._pump_stream(stream, now):
+            if stream.welcomed and not self._pump_stream(stream, now):
                 return False
         return True
 
@@ -655,8 +865,11 @@ class Runtime:
                 break
             resync = stream.resync_next
             stream.resync_next = False
-            if stream.orphan and stream.pending and stream.pending[0][0] != items[-1][0] + 1:
-                stream.resync_next = True  # the next frame starts after a gap
+            if stream.orphan:
+                self.counters["orphan_events_already_acked"] += stream.read_ahead(
+                    cfg.max_batch_events, cfg.max_batch_bytes)
+                if stream.pending and stream.pending[0][0] != items[-1][0] + 1:
+                    stream.resync_next = True  # the next frame starts after a gap
             f = _Frame(items, resync=resync)
             stream.inflight.append(f)
             if not self._send_frame(stream, f, now):
@@ -673,6 +886,7 @@ class Runtime:
             # A frame holds consecutive sequence numbers only: a gap in a dead process's
             # log (events it held only in memory) ends the frame, and the next frame
             # tells the daemon to accept the gap.
+            self.counters["orphan_events_already_acked"] += stream.read_ahead(max_items, max_bytes)
             src = stream.pending
             while src and len(items) < max_items and (not items or nbytes + len(src[0][1]) <= max_bytes):
                 if items and src[0][0] != items[-1][0] + 1:
@@ -709,16 +923,16 @@ class Runtime:
 
     def _drained(self) -> bool:
         with self._lock:
-            if self._queue or self._spill_unread:
+            if self._queue or self._held or self._spill_unread:
                 return False
-        return not any(s.inflight or s.pending for s in self._streams())
+        return not any(s.inflight or s.has_unsent() for s in self._streams())
 
     def pending_events(self) -> int:
         """Events recorded but not yet acknowledged by the daemon."""
         with self._lock:
-            n = len(self._queue) + self._spill_unread
+            n = len(self._queue) + self._spill_unread + len(self._held)
         for s in self._streams():
-            n += len(s.pending) + sum(len(f.items) for f in s.inflight)
+            n += len(s.pending) + s.remaining + sum(len(f.items) for f in s.inflight)
         return n
 
     async def aclose(self, grace_s: float | None = None) -> None:
@@ -750,39 +964,76 @@ class Runtime:
             leftovers.extend(self._queue)
             self._queue.clear()
             self._queue_bytes = 0
-            if leftovers or self._spill_unread:
-                log = self._open_spill_locked()
-                for seq, data in leftovers:
-                    log.append(_SEQ.pack(seq) + data)
-                log.flush()
-                logger.warning(
-                    "runtime.shutdown_spilled",
-                    events=len(leftovers) + self._spill_unread,
-                    path=str(self._spill_dir()),
-                    hint="the next process using this spill directory replays them",
-                )
+            leftovers.sort()
+            # Replay order is sequence order: what was in flight or queued comes before
+            # the spill log's unread records, and what was held (unspillable) after them.
+            # With records in the spill log, the first go to its "head" log, read first.
+            head: list[Item] = []
+            if self._spill is not None and self._spill_bytes:
+                head, leftovers = leftovers, []
+            leftovers.extend(self._held)
+            self._held.clear()
+            if head or leftovers or self._spill_unread:
+                self._spill_leftovers_locked(head, leftovers)
             elif self._spill is not None:
                 self._spill.destroy()
                 self._spill = None
+            if self._spill_reader is not None:
+                self._spill_reader.close()
+                self._spill_reader = None
             if self._spill is not None:
                 self._spill.close()
                 self._spill = None
                 if self._spill_lock_fd is not None:
                     os.close(self._spill_lock_fd)  # releases the flock: now an orphan
                     self._spill_lock_fd = None
-        for s in self._orphans:
-            # Undelivered orphan records stay in their directory for the next process.
-            os.close(s.lock_fd)  # type: ignore[attr-defined]
-        self._orphans.clear()
+        for s in list(self._orphans):
+            self._drop_orphan(s, delivered=not (s.has_unsent() or s.inflight))
+
+    def _spill_leftovers_locked(self, head: list[Item], tail: list[Item]) -> None:
+        written = 0
+        try:
+            log = self._open_spill_locked()
+            if head:
+                head_log = AppendLog(self._spill_dir() / _HEAD)
+                try:
+                    for seq, data in head:
+                        head_log.append(_SEQ.pack(seq) + data)
+                        written += 1
+                finally:
+                    head_log.close()
+            for seq, data in tail:
+                log.append(_SEQ.pack(seq) + data)
+                written += 1
+        except OSError as exc:
+            lost = len(head) + len(tail) - written
+            self.counters["events_lost_at_shutdown"] += lost
+            logger.error(
+                "runtime.shutdown_spill_failed", events_lost=lost, error=str(exc),
+                path=str(self._spill_dir()),
+                hint="the spill directory's disk is full or unwritable: these events were "
+                "neither acknowledged nor kept",
+            )
+        logger.warning(
+            "runtime.shutdown_spilled",
+            events=written + self._spill_unread,
+            path=str(self._spill_dir()),
+            hint="the next process using this spill directory replays them",
+        )
 
     def stats(self) -> dict[str, Any]:
+        """Counters and queue levels (``lightning.stats()`` returns these)."""
         with self._lock:
             queued = len(self._queue)
             spilled = self._spill_unread
+            held = len(self._held)
+            spill_bytes = self._spill_bytes
         return {
             **self.counters,
             "queued": queued,
             "spilled_unsent": spilled,
+            "held_unspillable": held,
+            "spill_bytes": spill_bytes,
             "inflight_frames": len(self._stream.inflight),
             "connected": self._session,
             "client_id": self.client_id,
@@ -790,8 +1041,12 @@ class Runtime:
 
 
 def _remove_spill_dir(d: Path, fd: int) -> None:
-    for p in d.glob("*.log"):
+    for p in [*d.glob("*.log"), *d.glob(f"{_HEAD}/*.log")]:
         p.unlink(missing_ok=True)
+    try:
+        (d / _HEAD).rmdir()
+    except OSError:
+        pass
     (d / "lock").unlink(missing_ok=True)
     os.close(fd)
     try:

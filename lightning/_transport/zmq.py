@@ -31,7 +31,8 @@ import zmq.asyncio
 from .._errors import ConfigError, TransportError
 from .base import WouldBlock
 
-__all__ = ["ZmqClientTransport", "ZmqServerTransport", "check_bind", "is_loopback", "keygen"]
+__all__ = ["ZmqClientTransport", "ZmqServerTransport", "check_bind", "hard_frame_limit",
+           "is_loopback", "keygen"]
 
 
 def is_loopback(address: str) -> bool:
@@ -110,6 +111,12 @@ def _load_public(key_or_path: str) -> bytes:
             f"path of its NAME.key file; {key_or_path!r} is neither ({exc})"
         ) from exc
     return public
+
+
+def hard_frame_limit(max_frame_bytes: int) -> int:
+    """The frame size above which ZeroMQ drops a connection (``MAXMSGSIZE``): frames
+    between ``max_frame_bytes`` and this still get a ``frame_too_large`` nack."""
+    return max(max_frame_bytes * 8, 512 << 20)
 
 
 def _raise_from_done(fut) -> None:
@@ -201,10 +208,13 @@ class ZmqServerTransport:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, sndhwm)
-        sock.setsockopt(zmq.RCVHWM, 1000)
-        # A hard guard against rogue peers; the daemon nacks frames above max_frame_bytes
-        # itself, with a clear reason, below this limit.
-        sock.setsockopt(zmq.MAXMSGSIZE, max(max_frame_bytes * 4, 1 << 20))
+        # Per connection: a runtime keeps at most max_inflight_frames (16) in flight; past
+        # this, ZeroMQ stops reading that peer's socket (backpressure, nothing dropped).
+        sock.setsockopt(zmq.RCVHWM, 128)
+        # A hard guard against rogue peers (memory): the daemon nacks frames above
+        # max_frame_bytes itself, with a clear reason and a counter, up to this limit;
+        # a frame above it makes ZeroMQ close the connection, with no reply possible.
+        sock.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(max_frame_bytes))
         sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 3)
         if curve_secret_key_file:

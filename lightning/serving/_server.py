@@ -1060,6 +1060,12 @@ _CAPTURE_STATUS = {"duplicate_rollout": 409, "rollout_finished": 409, "unknown_r
 
 
 def _capture_refused(exc: ProtocolError) -> JSONResponse:
-    """The daemon refused a captured event: 409/404 for rollout state, else 400."""
+    """The daemon refused a captured event: 409/404 for rollout state, 503 (retryable)
+    when its disk is full, else 400."""
+    if exc.code == "disk_full":  # the daemon's condition, not the client's: retry later
+        r = _error(503, f"the daemon could not store the event: {exc}", code=exc.code,
+                   type_="server_error")
+        r.headers["Retry-After"] = "1"
+        return r
     status = _CAPTURE_STATUS.get(exc.code, 400)
     return _error(status, f"the daemon refused the event: {exc}", code=exc.code)
