@@ -27,7 +27,6 @@ memory and not yet acknowledged (at most ``max_queue_bytes``).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import math
 import os
 import socket
@@ -67,6 +66,36 @@ from ._protocol import (
 from ._transport.base import ClientTransport, WouldBlock
 
 logger = structlog.get_logger()
+
+try:  # POSIX
+    import fcntl as _fcntl
+except ImportError:  # Windows
+    _fcntl = None
+try:
+    import msvcrt as _msvcrt
+except ImportError:
+    _msvcrt = None
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on a spill directory's lock file without waiting.
+
+    ``flock`` on POSIX, ``msvcrt.locking`` on Windows: either is released by the OS when its
+    holder dies, which is how a dead process's spill log is told from a live one's. Where
+    neither exists, no lock can be taken and this returns False: the runtime then spills
+    as usual but never adopts another directory (it cannot tell a live owner from a dead
+    one): a dead process's log stays on disk until a runtime that can lock adopts it.
+    """
+    try:
+        if _fcntl is not None:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            return True
+        if _msvcrt is not None:
+            _msvcrt.locking(fd, _msvcrt.LK_NBLCK, 1)
+            return True
+    except OSError:  # BlockingIOError (POSIX), PermissionError (Windows): held elsewhere
+        return False
+    return False
 
 __all__ = ["Runtime"]
 
@@ -321,7 +350,7 @@ class Runtime:
             d = self._spill_dir()
             d.mkdir(parents=True, exist_ok=True)
             fd = os.open(d / "lock", os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours: a fresh uuid
+            _try_lock(fd)  # ours: a fresh uuid, so it is free
             self._spill_lock_fd = fd
             self._spill = AppendLog(d)
             logger.warning(
@@ -445,10 +474,8 @@ class Runtime:
             if d.name == self.client_id or not (d / "lock").exists():
                 continue
             fd = os.open(d / "lock", os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)  # a live process owns it
+            if not _try_lock(fd):
+                os.close(fd)  # a live process owns it (or, without file locks, may)
                 continue
             # Streamed, never read whole: records are read a frame at a time as the
             # window allows, and those the daemon acknowledged (its Welcome for this

@@ -47,3 +47,18 @@ def test_rollouts_and_lightning_otel_do_not_import_opentelemetry():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_lightning_without_fcntl():
+    """Where fcntl does not exist (Windows), lightning imports and spill-dir locking
+    reports that it cannot lock (so no live process's spill log is ever adopted)."""
+    code = (
+        "import os, sys, tempfile\n"
+        "sys.modules['fcntl'] = None\n"
+        "import lightning\n"
+        "from lightning import _runtime\n"
+        "assert _runtime._fcntl is None\n"
+        "fd = os.open(os.path.join(tempfile.mkdtemp(), 'lock'), os.O_CREAT | os.O_RDWR)\n"
+        "assert _runtime._try_lock(fd) is (_runtime._msvcrt is not None)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
