@@ -84,6 +84,7 @@ import torch
 from anyio.abc import TaskGroup, TaskStatus
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from lightning.kernels.logprobs.reference import truncation_threshold as _threshold
 from lightning.engine.base import (
     CompletionDelta,
     EngineClosedError,
@@ -999,28 +1000,6 @@ class TorchEngine:
 #: Top-p rows look for their nucleus among this many most likely tokens (``topk``,
 #: cheap), tier after tier; only rows whose nucleus is wider sort their whole row.
 _CANDIDATES = (1024, 8192)
-
-
-def _threshold(
-    values: torch.Tensor, lse: torch.Tensor, ks: torch.Tensor, ps: torch.Tensor, vocab: int
-) -> torch.Tensor:
-    """Smallest kept logit per row for top-k then top-p (top-p applies to the
-    top-k-renormalised distribution).
-
-    values: [F, K] scaled logits sorted descending (the K most likely tokens); lse: [F, 1]
-    log-sum-exp of each full row; ks, ps: [F] top-k (``vocab`` when off) and top-p. The
-    kept tokens are a prefix of ``values``; returns its last value, [F, 1]. Tokens tied
-    with it are kept too.
-    """
-    remove = torch.arange(values.shape[1], device=values.device)[None, :] >= ks[:, None]  # [F, K]
-    limited = values.masked_fill(remove, -math.inf)
-    norm = torch.where(ks[:, None] < vocab, torch.logsumexp(limited, -1, keepdim=True), lse)
-    probs = (limited - norm).exp()  # [F, K]
-    before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-    remove |= before >= ps[:, None]
-    remove[:, 0] = False
-    kept = (~remove).sum(dim=-1, keepdim=True)  # [F, 1], a prefix
-    return values.gather(1, kept - 1)
 
 
 #: Sampling descends a tree over the vocabulary with _FANOUT children per node and
