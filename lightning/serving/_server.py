@@ -54,6 +54,7 @@ from ..engine.base import (
     InvalidRequestError,
     SamplingParams,
 )
+from .._protocol import Sampling
 from ..otel._receiver import TraceReceiver
 from ._chat import (
     RequestError,
@@ -101,14 +102,26 @@ def _error(status: int, message: str, *, param: str | None = None, code: str | N
 
 
 class _Ctx:
-    """Per-request context: rollout to capture into, timing."""
+    """Per-request context: rollout to capture into, timing, the sampling it ran with."""
 
-    __slots__ = ("rollout_id", "t0", "endpoint")
+    __slots__ = ("rollout_id", "t0", "endpoint", "sampling")
 
     def __init__(self, rollout_id: str | None, endpoint: str) -> None:
         self.rollout_id = rollout_id
         self.t0 = time.perf_counter()
         self.endpoint = endpoint
+        self.sampling: Sampling | None = None
+
+
+def _sampling(params: SamplingParams, ctx: _Ctx) -> dict[str, Any]:
+    """Record the request's resolved sampling on ``ctx`` (for server-side capture) and
+    return the ``"sampling"`` report every response carries (the app-side capture reads
+    it: a parameter the request left out is this server's default). The engines return
+    processed log-probs (see ``Choice.logprobs``)."""
+    ctx.sampling = Sampling(temperature=params.temperature, top_p=params.top_p,
+                            top_k=max(0, params.top_k), logprobs="processed")
+    return {"temperature": params.temperature, "top_p": params.top_p,
+            "top_k": max(0, params.top_k), "logprobs": "processed"}
 
 
 class PolicyServer:
@@ -345,6 +358,7 @@ class PolicyServer:
             finish_reason=finish or "",
             latency_s=time.perf_counter() - ctx.t0,
             metadata={"endpoint": ctx.endpoint, "source": "server", **metadata},
+            sampling=ctx.sampling,
         )
 
     def _check_capture_target(self, ctx: _Ctx) -> None:
@@ -403,12 +417,13 @@ class PolicyServer:
         n = int(body.get("n") or 1)
         params = self._params(body, max_tokens_keys=("max_completion_tokens", "max_tokens"),
                               top_logprobs=top, n=n)
+        report = _sampling(params, ctx)
         cid = "chatcmpl-" + uuid.uuid4().hex
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             stream = self.engine.generate_stream(prompt_ids, params)
             return self._sse(self._chat_stream(stream, prompt_ids, params, has_tools, want_lp,
-                                               include_usage, cid, ctx, body))
+                                               include_usage, cid, ctx, body, report))
         result = await self.engine.generate(prompt_ids, params)
         choices = []
         for c in result.choices:
@@ -435,13 +450,13 @@ class PolicyServer:
             "id": cid, "object": "chat.completion", "created": int(time.time()),
             "model": body["model"], "choices": choices, "usage": _usage(result),
             "prompt_token_ids": result.prompt_token_ids, "policy_version": result.policy_version,
-            "system_fingerprint": f"lightning-v{result.policy_version}",
+            "system_fingerprint": f"lightning-v{result.policy_version}", "sampling": report,
         })
 
     async def _chat_stream(self, stream: AsyncIterator[Any], prompt_ids: list[int],
                            params: SamplingParams, has_tools: bool, want_lp: bool,
                            include_usage: bool, cid: str, ctx: _Ctx,
-                           body: dict[str, Any]) -> AsyncIterator[bytes]:
+                           body: dict[str, Any], report: dict[str, Any]) -> AsyncIterator[bytes]:
         created = int(time.time())
         model = body["model"]
         filters = {i: ToolCallStreamFilter() for i in range(params.n)} if has_tools else {}
@@ -454,6 +469,7 @@ class PolicyServer:
                                        "created": created, "model": model, "choices": choices}
             if first:
                 payload["prompt_token_ids"] = prompt_ids
+                payload["sampling"] = report
                 first = False
             payload.update(extra)
             return b"data: " + _json.encode(payload) + b"\n\n"
@@ -555,11 +571,13 @@ class PolicyServer:
                               top_logprobs=int(lp_k or 0), n=int(body.get("n") or 1))
         if body.get("max_tokens") is None:
             params = msgspec.structs.replace(params, max_tokens=16)  # OpenAI's default
+        report = _sampling(params, ctx)
         cid = "cmpl-" + uuid.uuid4().hex
         if body.get("stream"):
             if len(prompts) != 1:
                 raise RequestError("streaming supports a single prompt", param="prompt")
-            return self._sse(self._completions_stream(prompts[0], params, want_lp, cid, ctx, body))
+            return self._sse(self._completions_stream(prompts[0], params, want_lp, cid, ctx, body,
+                                                      report))
         results: list[GenerationResult] = []
         async with anyio.create_task_group() as tg:
             slots: list[Any] = [None] * len(prompts)
@@ -593,7 +611,7 @@ class PolicyServer:
             "id": cid, "object": "text_completion", "created": int(time.time()),
             "model": body["model"], "choices": choices, "usage": usage,
             "prompt_token_ids": prompt_ids,
-            "policy_version": min(r.policy_version for r in results),
+            "policy_version": min(r.policy_version for r in results), "sampling": report,
         })
 
     def _legacy_logprobs(self, ids: list[int], lps: list[float],
@@ -612,8 +630,8 @@ class PolicyServer:
         }
 
     async def _completions_stream(self, prompt_ids: list[int], params: SamplingParams,
-                                  want_lp: bool, cid: str, ctx: _Ctx,
-                                  body: dict[str, Any]) -> AsyncIterator[bytes]:
+                                  want_lp: bool, cid: str, ctx: _Ctx, body: dict[str, Any],
+                                  report: dict[str, Any]) -> AsyncIterator[bytes]:
         created = int(time.time())
         acc = {i: _StreamedChoice(-1) for i in range(params.n)}
         first = True
@@ -632,6 +650,7 @@ class PolicyServer:
                                            "policy_version": d.policy_version}
                 if first:
                     payload["prompt_token_ids"] = prompt_ids
+                    payload["sampling"] = report
                     first = False
                 yield b"data: " + _json.encode(payload) + b"\n\n"
                 if d.finish_reason is not None:
@@ -660,6 +679,7 @@ class PolicyServer:
         messages = with_system_instruction(messages, "\n\n".join(filter(None, [forced, instruction])))
         prompt_ids = self.engine.apply_chat_template(messages, tools=tools)
         params = self._params(body, max_tokens_keys=("max_output_tokens",), top_logprobs=0)
+        report = _sampling(params, ctx)
         rid = "resp_" + uuid.uuid4().hex
         base = {
             "id": rid, "object": "response", "created_at": int(time.time()),
@@ -670,7 +690,7 @@ class PolicyServer:
             "top_p": params.top_p, "max_output_tokens": body.get("max_output_tokens"),
             "text": body.get("text") or {"format": {"type": "text"}},
             "metadata": body.get("metadata") or {}, "error": None,
-            "incomplete_details": None,
+            "incomplete_details": None, "sampling": report,
         }
         if body.get("stream"):
             return self._sse(self._responses_stream(prompt_ids, params, bool(tools), base, ctx,
