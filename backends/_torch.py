@@ -47,6 +47,7 @@ from ._common import (
     as_settings,
     action_logprobs,
     agg_units,
+    check_batch,
     micro_batch_loss,
     step_metrics,
 )
@@ -206,13 +207,15 @@ class TorchBackend:
         model = self._model.get_base_model() if self._lora else self._model
         return model.get_decoder(), model.get_output_embeddings().weight  # weight [V, H]
 
-    def _action_logprobs(self, mb: TrainBatch) -> torch.Tensor:
+    def _action_logprobs(self, mb: TrainBatch, return_entropy: bool = False) -> Any:
         """Log-probs of ``mb``'s action tokens under the current weights, float32 ``[T_mb]``
-        (0 off actions); differentiable when grad is enabled."""
+        (0 off actions; with ``return_entropy``, and their entropy); differentiable when
+        grad is enabled."""
         decoder, weight = self._decoder_and_head()
         return action_logprobs(
-            decoder, weight, mb, temperature=self._cfg.temperature, impl=self._cfg.logprob_impl
-        )  # [T_mb]
+            decoder, weight, mb, temperature=self._cfg.temperature, impl=self._cfg.logprob_impl,
+            return_entropy=return_entropy,
+        )  # [T_mb] (, [T_mb])
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -243,6 +246,7 @@ class TorchBackend:
         cfg = self._cfg
         t0 = time.perf_counter()
         batch = batch.to(self._device)
+        data = check_batch(batch, cfg.temperature)
         n_act = float(batch.action_mask.sum())
         total_units = agg_units(batch, cfg.loss_agg)
         use_kl = cfg.kl_coef > 0 and batch.ref_logprobs is not None
@@ -257,8 +261,9 @@ class TorchBackend:
                     continue
                 w = units / total_units  # share of the big batch's aggregation
                 tok_w = float(mb.action_mask.sum()) / n_act
-                lp = self._action_logprobs(mb)  # [T_mb]
-                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums)
+                lp, ent = self._action_logprobs(mb, return_entropy=True)  # [T_mb], [T_mb]
+                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums,
+                                        entropy=ent)
                 loss.backward()
             skipped = total_units == 0
             params = [p for g in self._optimizer.param_groups for p in g["params"]]
@@ -269,7 +274,7 @@ class TorchBackend:
                 self._optimizer.step()
                 self.step += 1
             self._optimizer.zero_grad(set_to_none=True)
-        return step_metrics(
+        return data | step_metrics(
             sums,
             kl_coef=cfg.kl_coef,
             grad_norm=grad_norm,

@@ -100,6 +100,12 @@ class BatcherConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Sequences sampled more than this many policy versions ago are stale."""
     stale_policy: Literal["drop", "is"] = "drop"
     """Stale sequences: drop them, or weight them by a truncated importance ratio."""
+    missing_logprobs: Literal["recompute", "drop"] = "recompute"
+    """Action tokens without usable sampler log-probs (none recorded, or not of the
+    processed distribution; NaN in the batch): ``recompute`` = the trainer scores them
+    with the current weights before the step (their ratio starts at 1: exact when they
+    were sampled by the current version, an on-policy approximation otherwise), ``drop`` =
+    their sequences are set aside (counted ``sequences_dropped_no_logprobs``). Never 0."""
 
     def __post_init__(self) -> None:
         _positive("group_size", self.group_size)
@@ -212,6 +218,8 @@ class Batcher:
         self.counters: Counter[str] = Counter()
         self._seq_counters: Counter[str] = Counter()
         self._outcomes: list[float] = []  # every closed training rollout since the last batch
+        self._version = 0  # the trainer's version at the last next_batch
+        self._warned_unknown_version = False
 
     # ------------------------------------------------------------------ intake
 
@@ -223,8 +231,15 @@ class Batcher:
     def pending_trajectories(self) -> int:
         return sum(len(g.members) for g in self._open.values())
 
-    def add(self, traj: Any) -> None:
-        """Take one finished trajectory (:class:`lightning._ingest.Trajectory`)."""
+    def add(self, traj: Any, *, version: int | None = None) -> None:
+        """Take one finished trajectory (:class:`lightning._ingest.Trajectory`).
+
+        ``version`` is the trainer's policy version as the trajectory arrives (None: the
+        one last given to :meth:`next_batch`). Actions whose policy version is unknown
+        (-1: a ``token_id_base_urls`` server, ``record_transition`` without one) are taken
+        to be of that version: the newest they can be, so staleness never drops them for
+        being unknown (counted ``unknown_version_transitions``, warned once).
+        """
         cfg = self.config
         c = self.counters
         c["trajectories"] += 1
@@ -249,6 +264,7 @@ class Batcher:
         if traj.status != "completed":
             c["failed_as_zero"] += 1
         seqs = merge_transitions(traj.transitions, self._seq_counters, rollout_id=traj.rollout_id)
+        self._date_unknown_versions(traj, seqs, self._version if version is None else version)
         if not seqs:
             c["set_aside.no_tokens"] += 1
             c["set_aside_train"] += 1
@@ -275,6 +291,27 @@ class Batcher:
         if len(group.members) >= cfg.group_size:
             del self._open[traj.group_key]
             self._close(group, timed_out=False)
+
+    def _date_unknown_versions(self, traj: Any, seqs: list[TokenSequence], version: int) -> None:
+        unknown = sum(1 for t in traj.transitions if t.policy_version < 0)
+        if not unknown:
+            return
+        self.counters["unknown_version_transitions"] += unknown
+        for s in seqs:
+            pv = s.policy_versions
+            for i, act in enumerate(s.action_mask):
+                if act and pv[i] < 0:
+                    pv[i] = version
+        if not self._warned_unknown_version:
+            self._warned_unknown_version = True
+            logger.warning(
+                "batcher.unknown_policy_version", rollout_id=traj.rollout_id,
+                transitions=unknown, taken_as=version,
+                rule="a transition without a policy version counts as sampled by the version "
+                "current when it reached the trainer (counter unknown_version_transitions)",
+                fix="serve through the lightning policy server, or pass policy_version= to "
+                "record_transition",
+            )
 
     def expire(self, now: float | None = None) -> None:
         """Close groups that have waited ``group_timeout_s`` (oldest first)."""
@@ -321,6 +358,7 @@ class Batcher:
         """A batch once ``batch_size`` trajectories are ready (``flush``: whatever is ready),
         else None. ``policy_version`` is the trainer's current version (staleness)."""
         cfg = self.config
+        self._version = policy_version
         if not self._ready or (self.ready_trajectories < cfg.batch_size and not flush):
             return None
         groups: list[list[_Prepared]] = []
@@ -347,7 +385,7 @@ class Batcher:
         seq_adv: list[torch.Tensor] = []
         stale: list[bool] = []
         staleness: list[int] = []
-        dropped = 0
+        dropped = no_lp = recompute = 0
         for m, a in zip(trajs, adv):
             for s in m.seqs:
                 versions = [v for v, act in zip(s.policy_versions, s.action_mask) if act]
@@ -356,6 +394,12 @@ class Batcher:
                 if lag > cfg.max_staleness and cfg.stale_policy == "drop":
                     dropped += 1
                     continue
+                missing = sum(1 for lp, act in zip(s.logprobs, s.action_mask)
+                              if act and math.isnan(lp))
+                if missing and cfg.missing_logprobs == "drop":
+                    no_lp += 1
+                    continue
+                recompute += missing
                 tok = torch.zeros(len(s.token_ids), dtype=torch.float32)  # [n]
                 for k, (t0, t1) in zip(s.transitions, s.response_spans):
                     tok[t0:t1] = a[k]
@@ -364,6 +408,7 @@ class Batcher:
                 stale.append(lag > cfg.max_staleness)
                 staleness.append(lag)
         c["sequences_dropped_stale"] += dropped
+        c["sequences_dropped_no_logprobs"] += no_lp
         outcomes = torch.tensor([m.outcome for m in trajs], dtype=torch.float64)  # [N]
         window, self._outcomes = self._outcomes, []
         metrics = {
@@ -374,6 +419,8 @@ class Batcher:
             "batch/groups": float(len(groups)),
             "batch/sequences": float(len(seqs)),
             "batch/dropped_stale": float(dropped),
+            "batch/dropped_no_logprobs": float(no_lp),
+            "batch/recomputed_logprob_tokens": float(recompute),
             "reward/mean": float(outcomes.mean()) if len(trajs) else 0.0,
             "reward/std": float(outcomes.std()) if len(trajs) > 1 else 0.0,
             "staleness/mean": float(sum(staleness) / len(staleness)) if staleness else 0.0,
@@ -383,7 +430,8 @@ class Batcher:
             c["batches_empty"] += 1
             logger.warning(
                 "batcher.empty_batch", trajectories=len(trajs), dropped_stale=dropped,
-                reason="every sequence was staler than max_staleness",
+                reason="every sequence was staler than max_staleness or had no usable "
+                "sampler log-probs (missing_logprobs='drop')",
             )
             self._set_aside = consumed  # reported with the next batch
             return None
