@@ -40,6 +40,7 @@ __all__ = [
     "agg_units",
     "check_batch",
     "micro_batch_loss",
+    "scalar_sampling_problem",
     "policy_loss",
     "step_metrics",
 ]
@@ -332,6 +333,26 @@ def check_batch(batch: TrainBatch, temperature: float) -> dict[str, float]:
             "those sequences (missing_logprobs='drop')"
         )
     return resolve_sampling(batch, temperature)[3]
+
+
+def scalar_sampling_problem(batch: TrainBatch, temperature: float) -> str | None:
+    """Why ``batch`` cannot be scored at the one ``temperature`` without truncation that
+    a backend with a scalar-temperature scorer (verl's actor) offers, or None."""
+    t, k, p, _ = resolve_sampling(batch, temperature)  # [T] each
+    act = batch.action_mask  # [T]
+    off = act & ((t - temperature).abs() > 1e-6)  # [T]
+    cut = act & ((k > 0) | (p < 1.0))  # [T]
+    if not bool(off.any() | cut.any()):
+        return None
+    seen = sorted({round(float(v), 4) for v in t[act].unique()})
+    return (
+        f"{int(off.sum())} action tokens were sampled at another temperature than the "
+        f"configured {temperature} (seen: {seen}) and {int(cut.sum())} with top-k/top-p; "
+        "verl's actor scores one temperature over the full vocabulary. Sample at "
+        f"temperature={temperature} with top_p=1 and top_k=0, set the backend's "
+        "temperature to the agent's, or train with the torch or deepspeed backend, which "
+        "score each token under its own sampling"
+    )
 
 
 def step_metrics(
