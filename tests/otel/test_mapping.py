@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning._protocol import RolloutEnd, RolloutStart, Span, Transition
+from lightning._protocol import RolloutEnd, RolloutStart, Sampling, Span, Transition
 from lightning.otel._mapping import Assembler, to_events
 from lightning.otel._model import OtelSpan
 
@@ -94,3 +94,19 @@ def test_the_innermost_llm_span_keeps_its_wrappers_text():
     (g,) = Assembler().add([inner, wrapper, span("1", "", 0, 4)])
     (x,) = [e for e in to_events(g).events if isinstance(e, Transition)]
     assert x.trainable and x.metadata["text"] == "the answer"
+
+
+def test_sampling_parameters_come_from_genai_request_attributes():
+    attrs = {**LLM, "lightning.response_logprobs": [-0.5], "gen_ai.request.temperature": 0.7,
+             "gen_ai.request.top_p": 0.9, "gen_ai.request.top_k": 20,
+             "lightning.logprobs.convention": "processed"}
+    (g,) = Assembler().add([span("1", **attrs)])
+    (x,) = [e for e in to_events(g).events if isinstance(e, Transition)]
+    assert x.sampling == Sampling(temperature=0.7, top_p=0.9, top_k=20, logprobs="processed")
+    # absent: unknown; nonsense: unknown (never a guess)
+    for extra, expected in (({}, None),
+                            ({"gen_ai.request.temperature": -3.0, "gen_ai.request.top_p": 0.5},
+                             Sampling(top_p=0.5))):
+        (g,) = Assembler().add([span("2", **{**LLM, **extra})])
+        (x,) = [e for e in to_events(g).events if isinstance(e, Transition)]
+        assert x.sampling == expected

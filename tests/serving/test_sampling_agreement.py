@@ -15,7 +15,7 @@ import pytest
 
 import lightning
 from lightning import _capture, _lifecycle
-from lightning._protocol import Transition
+from lightning._protocol import Sampling, Transition
 from lightning._sequences import merge_transitions
 from lightning.training import pack_sequences
 
@@ -123,3 +123,31 @@ async def test_first_on_policy_step_has_no_gap(stack, backend, monkeypatch, name
         # at 1) on the same data
         blind = [msgspec.structs.replace(t, sampling=None) for t in transitions]
         assert _step(backend, blind)["actor/logprob_gap"] > 0.02
+
+
+async def test_a_stream_that_leaves_parameters_out_gets_the_servers_report(stack, monkeypatch):
+    """The app set only top_p and streamed: the capture takes the server's report (its
+    default temperature, top_k and the log-prob convention), not a guess."""
+    import openai
+
+    server, _, _ = stack
+    rec = _Recorder()
+    monkeypatch.setattr(_lifecycle, "_current", rec)
+    _capture.install(token_id_base_urls=["http://test/v1"])
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app))
+    try:
+        async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x",
+                                      http_client=http, max_retries=0) as client:
+            @lightning.rollout
+            async def agent():
+                stream = await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                    top_p=0.8, stream=True)
+                async for _ in stream:
+                    pass
+
+            await agent()
+    finally:
+        _capture.uninstall()
+    (t,) = [e for e in rec.events if isinstance(e, Transition)]
+    assert t.sampling == Sampling(temperature=1.0, top_p=0.8, top_k=0, logprobs="processed")
