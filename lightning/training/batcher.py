@@ -15,20 +15,23 @@ Groups
     is set aside instead of costing a forward and backward pass (DAPO's dynamic sampling).
     Trajectories without a group key (online traffic) are ready at once.
 
-Advantages (computed per batch, over whole groups)
-    The group baseline is taken over trajectory returns ``R_i = G_{i,0}`` (the return from
-    the first transition); transition ``k`` of trajectory ``i`` gets
+Advantages (computed per batch, over whole groups, by :mod:`lightning.algorithms`)
+    Like with like: transition ``k`` of trajectory ``i`` is compared with the returns
+    ``G_{j,k}`` of the same turn ``k`` of its group's trajectories ``j`` (those that reached
+    turn ``k``), so a later turn's return-to-go, which has fewer rewards left to collect,
+    is never measured against first-turn returns:
 
-    - ``grpo``: ``(G_{i,k} - mean_g R) / (std_g R + eps)``;
-    - ``grpo_no_std``: ``G_{i,k} - mean_g R`` (Dr. GRPO);
-    - ``rloo``: ``G_{i,k} - mean_{j in g, j != i} R_j``;
+    - ``grpo``: ``(G_{i,k} - mean_j G_{j,k}) / (std_j G_{j,k} + eps)``;
+    - ``grpo_no_std``: ``G_{i,k} - mean_j G_{j,k}`` (Dr. GRPO);
+    - ``rloo``: ``G_{i,k} - mean_{j != i} G_{j,k}``;
     - ``reinforce_pp``: ``G_{i,k}`` whitened over every transition of the batch.
 
-    With ``credit="final"`` every ``G_{i,k} = R_i``, and these are exactly the textbook
-    sequence-level estimators. A group of one has nothing to compare with: its advantages
-    are 0 (counted). Trajectories without a group key use the ``reinforce_pp`` baseline of
-    the batch's other ungrouped trajectories, whatever the estimator. The advantage of
-    transition ``k`` is spread over the tokens it sampled.
+    With ``credit="final"`` every ``G_{i,k} = R_i`` and the group is the baseline's set at
+    every turn: exactly the textbook sequence-level estimators. A turn no other member of
+    the group reached has nothing to compare with: its advantage is 0. Trajectories
+    without a group key use the ``reinforce_pp`` baseline of the batch's other ungrouped
+    transitions, whatever the estimator. The advantage of transition ``k`` is spread over
+    the tokens it sampled.
 
 Batches
     Ready groups are taken first-in first-out until the batch holds ``batch_size``
@@ -58,7 +61,9 @@ import torch
 
 from lightning._sequences import TokenSequence, merge_transitions
 from lightning.algorithms.credit import assign_credit
-from lightning.kernels import group_stats, masked_whiten
+from lightning.algorithms.grpo import grpo_advantages, grpo_advantages_no_std
+from lightning.algorithms.reinforce_pp import reinforce_pp_advantages
+from lightning.algorithms.rloo import rloo_advantages
 from lightning.training.batch import TrainBatch, pack_sequences
 
 logger = structlog.get_logger()
@@ -380,7 +385,7 @@ class Batcher:
         consumed = self._set_aside + [m.index for g in groups for m in g]
         self._set_aside = []
         trajs = [m for g in groups for m in g]
-        adv = _transition_advantages(groups, cfg.estimator, cfg.eps)  # per traj: [n_k]
+        adv = _transition_advantages(groups, cfg.estimator, cfg.eps, cfg.credit)  # per traj: [n_k]
         seqs: list[TokenSequence] = []
         seq_adv: list[torch.Tensor] = []
         stale: list[bool] = []
@@ -449,41 +454,41 @@ class Batcher:
 
 
 def _transition_advantages(
-    groups: list[list[_Prepared]], estimator: str, eps: float
+    groups: list[list[_Prepared]], estimator: str, eps: float, credit: str = "final"
 ) -> list[torch.Tensor]:
-    """Per trajectory, float32 ``[n_transitions]`` advantages (see the module docstring)."""
+    """Per trajectory, float32 ``[n_transitions]`` advantages (see the module docstring),
+    computed by :mod:`lightning.algorithms` (the functions the verl-parity tests cover)."""
     trajs = [m for g in groups for m in g]
     if not trajs:
         return []
     g_ids = torch.tensor(
         [gi if g[0].group_key is not None else -1 for gi, g in enumerate(groups) for _ in g]
     )  # [N]: -1 marks ungrouped trajectories
-    outcome = torch.tensor([m.outcome for m in trajs], dtype=torch.float32)  # [N]
     lengths = torch.tensor([len(m.returns) for m in trajs])  # [N]
     G = torch.tensor([r for m in trajs for r in m.returns], dtype=torch.float32)  # [K]
     owner = torch.repeat_interleave(torch.arange(len(trajs)), lengths)  # [K]
-    grouped = g_ids >= 0  # [N]
+    grouped = g_ids[owner] >= 0  # [K]
     if estimator.startswith("verl:"):
         return list(_verl_advantages(estimator[5:], G, owner, g_ids).split(lengths.tolist()))
-    adv = torch.zeros_like(G)  # [K]
     if estimator == "reinforce_pp":
-        adv = masked_whiten(G, None)  # [K]
-    elif grouped.any():
-        st = group_stats(outcome, g_ids)  # mean/std/count [N]; -1 is a group of its own
-        mean, std, count = st.mean[owner], st.std[owner], st.count[owner].float()  # [K]
-        if estimator == "grpo":
-            a = (G - mean) / (std + eps)
-        elif estimator == "grpo_no_std":
-            a = G - mean
-        elif estimator == "rloo":
-            # baseline: mean of the *other* members' outcomes
-            a = G - (count * mean - outcome[owner]) / (count - 1).clamp(min=1)
-        else:
-            raise ValueError(f"unknown estimator {estimator!r}: choose one of {ESTIMATORS}")
-        adv = torch.where(grouped[owner] & (count > 1), a, 0.0)  # [K]
-    if estimator != "reinforce_pp" and (~grouped).any():
-        free = ~grouped[owner]  # [K]
-        adv = torch.where(free, masked_whiten(G, free), adv)  # [K]
+        return list(reinforce_pp_advantages(G).split(lengths.tolist()))
+    # like with like: transition k is compared with the group's returns *from turn k*
+    # (with credit="final" every G_{i,k} = R_i, and this is the textbook outcome baseline)
+    turn = torch.arange(len(G)) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths)  # [K]: k within its trajectory
+    key = g_ids[owner] if credit == "final" else g_ids[owner] * int(lengths.max()) + turn  # [K]
+    if estimator == "grpo":
+        a = grpo_advantages(G, key, eps=eps)  # [K]
+    elif estimator == "grpo_no_std":
+        a = grpo_advantages_no_std(G, key)  # [K]
+    elif estimator == "rloo":
+        a = rloo_advantages(G, key)  # [K]
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}: choose one of {ESTIMATORS}")
+    adv = torch.where(grouped, a, 0.0)  # [K]
+    free = ~grouped  # [K]
+    if bool(free.any()):  # ungrouped online traffic: the batch baseline (REINFORCE++)
+        adv[free] = reinforce_pp_advantages(G[free])
     return list(adv.split(lengths.tolist()))
 
 
