@@ -40,6 +40,7 @@ __all__ = [
     "agg_units",
     "check_batch",
     "micro_batch_loss",
+    "require_ref_logprobs",
     "scalar_sampling_problem",
     "policy_loss",
     "step_metrics",
@@ -74,7 +75,12 @@ class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     clip_ratio_c: float | None = 3.0
     """PPO dual-clip bound for negative advantages (> 1); ``None`` disables it."""
     kl_coef: float = 0.0
-    """Weight of the KL penalty to ``batch.ref_logprobs`` (ignored when the batch has none)."""
+    """Weight of the KL penalty to a frozen reference policy, the initial weights. The
+    torch backend computes the reference log-probs itself (one no-grad forward per step;
+    memory: one more copy of the weights, none with LoRA, whose reference is the model
+    with the adapter disabled); ``batch.ref_logprobs``, when given, are used instead. The
+    DeepSpeed and verl backends keep no reference: with ``kl_coef > 0`` they need
+    ``batch.ref_logprobs`` and fail the step, saying so, without them."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator (see :mod:`lightning.algorithms.kl`)."""
     temperature: float = 1.0
@@ -353,6 +359,17 @@ def scalar_sampling_problem(batch: TrainBatch, temperature: float) -> str | None
         "temperature to the agent's, or train with the torch or deepspeed backend, which "
         "score each token under its own sampling"
     )
+
+
+def require_ref_logprobs(batch: TrainBatch, kl_coef: float, backend: str) -> None:
+    """For backends that keep no reference policy: ``kl_coef > 0`` needs the batch's own
+    ``ref_logprobs``. Raises ``ValueError`` with the fix (never a silently skipped KL)."""
+    if kl_coef > 0 and batch.ref_logprobs is None:
+        raise ValueError(
+            f"kl_coef={kl_coef} but the {backend} backend keeps no reference policy and this "
+            "batch has no ref_logprobs: set kl_coef = 0, supply batch.ref_logprobs, or train "
+            "with the torch backend (it keeps the initial weights as the reference)"
+        )
 
 
 def step_metrics(

@@ -88,6 +88,7 @@ from ._common import (
     agg_units,
     check_batch,
     micro_batch_loss,
+    require_ref_logprobs,
     step_metrics,
 )
 
@@ -557,7 +558,8 @@ class DeepSpeedBackend:
         data = check_batch(batch, cfg.temperature)
         n_act = float(batch.action_mask.sum())
         total_units = agg_units(batch, cfg.loss_agg)
-        use_kl = cfg.kl_coef > 0 and batch.ref_logprobs is not None
+        require_ref_logprobs(batch, cfg.kl_coef, "deepspeed")
+        use_kl = cfg.kl_coef > 0
         micro = split_by_token_budget(batch, cfg.micro_batch_tokens)
         work = [mb for mb in micro if agg_units(mb, cfg.loss_agg) > 0]
         sums = StepSums()

@@ -28,6 +28,8 @@ Errors from torch/transformers/peft during a step are wrapped in
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import time
@@ -120,6 +122,7 @@ class TorchBackend:
         self._optimizer: torch.optim.Optimizer | None = None
         self._device = torch.device("cpu")
         self._lora = False
+        self._reference: Any = None  # frozen copy of the initial weights (kl_coef > 0, no LoRA)
         self.step = 0
         """Optimizer steps taken (restored by :meth:`load`)."""
 
@@ -189,6 +192,10 @@ class TorchBackend:
                 model = peft.get_peft_model(model, lora_cfg)
         model.train()
         self._model, self._device, self._lora = model, device, cfg.lora_rank > 0
+        if cfg.kl_coef > 0 and not self._lora:
+            # the reference policy: the initial weights, frozen (one more copy of the
+            # model's weights in memory; LoRA needs none: the adapter is switched off)
+            self._reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         self._optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
@@ -216,6 +223,35 @@ class TorchBackend:
             decoder, weight, mb, temperature=self._cfg.temperature, impl=self._cfg.logprob_impl,
             return_entropy=return_entropy,
         )  # [T_mb] (, [T_mb])
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Log-probs of the action tokens under the reference policy (the initial weights;
+        with LoRA, the model with its adapter disabled), float32 ``[T]`` on the training
+        device, each token under its own sampling processing. Needs ``kl_coef > 0``."""
+        self._check_ready()
+        cfg = self._cfg
+        if cfg.kl_coef <= 0:
+            raise BackendError("reference_logprobs needs kl_coef > 0 (no reference is kept)")
+        batch = batch.to(self._device)
+        if self._lora:
+            ctx: Any = self._model.disable_adapter()
+            decoder, weight = self._decoder_and_head()
+        else:
+            ctx = contextlib.nullcontext()
+            decoder = self._reference.get_decoder()
+            weight = self._reference.get_output_embeddings().weight  # [V, H]
+        was_training = self._model.training
+        self._model.eval()  # no LoRA dropout in the reference
+        parts = []
+        try:
+            with ctx, map_torch_exceptions("computing reference log-probs"):
+                for mb in split_by_token_budget(batch, cfg.micro_batch_tokens):
+                    parts.append(action_logprobs(decoder, weight, mb, temperature=cfg.temperature,
+                                                 impl=cfg.logprob_impl))  # [T_mb]
+        finally:
+            self._model.train(was_training)
+        return torch.cat(parts)  # [T]
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -249,7 +285,9 @@ class TorchBackend:
         data = check_batch(batch, cfg.temperature)
         n_act = float(batch.action_mask.sum())
         total_units = agg_units(batch, cfg.loss_agg)
-        use_kl = cfg.kl_coef > 0 and batch.ref_logprobs is not None
+        use_kl = cfg.kl_coef > 0
+        if use_kl and batch.ref_logprobs is None:
+            batch = dataclasses.replace(batch, ref_logprobs=self.reference_logprobs(batch))
         micro = split_by_token_budget(batch, cfg.micro_batch_tokens)
         sums = StepSums()
         self._model.train()

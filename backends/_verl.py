@@ -64,7 +64,13 @@ from lightning.algorithms.kl import kl_penalty_loss
 from lightning.algorithms.ppo import ppo_clip_loss
 from lightning.training.batch import TrainBatch, select_sequences
 
-from ._common import TrainSettings, as_settings, check_batch, scalar_sampling_problem
+from ._common import (
+    TrainSettings,
+    as_settings,
+    check_batch,
+    require_ref_logprobs,
+    scalar_sampling_problem,
+)
 
 if importlib.util.find_spec("verl") is None:  # get_backend turns this into "pip install [verl]"
     raise ModuleNotFoundError("No module named 'verl'", name="verl")
@@ -721,6 +727,7 @@ class VerlBackend:
         t0 = time.perf_counter()
         batch = batch.to("cpu")
         self._check_sampling(batch)
+        require_ref_logprobs(batch, cfg.kl_coef, "verl")
         n_act = float(batch.action_mask.sum())
         base = {
             **check_batch(batch, cfg.temperature),
