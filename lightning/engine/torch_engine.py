@@ -52,7 +52,8 @@ Sampling (per row, vectorised)
     noise). Cost per row: a few passes over the logits and three uniforms, where a
     Gumbel/exponential race needs a random number per vocabulary entry (that was 70% of
     a batch-16 decode step on the tiny model). Greedy (temperature 0) takes the argmax
-    and reports log-probs at temperature 1.
+    and reports log-probs at temperature 1 over the full vocabulary (its top-k/top-p
+    cannot change the argmax and are not applied).
 
 CPU threads: forwards run on the anyio worker thread. Once another thread (say a trainer on
 the main thread) has also run torch ops, libgomp manages more OpenMP threads than there
@@ -1060,7 +1061,10 @@ def _sample(
     params = [s.req.params for s in seqs]
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
     x = x / temps[:, None]
-    filtered = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    # greedy rows skip truncation: it never changes the argmax, and their log-probs are
+    # then those of the temperature-1 distribution (vLLM's for greedy requests too)
+    filtered = [i for i, p in enumerate(params)
+                if p.temperature > 0 and (0 < p.top_k < vocab or p.top_p < 1.0)]
     if filtered:
         idx = torch.tensor(filtered, device=dev)
         sub = x.index_select(0, idx)  # [F, V]

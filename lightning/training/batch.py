@@ -218,9 +218,10 @@ def resolve_sampling(
 
     Rules (README "Sampling parameters"): an unknown temperature (NaN, or no
     ``batch.temperature``) is the backend's configured ``default_temperature``; a greedy
-    token (temperature 0) is scored at temperature 1 with its truncation, which is what
-    the engines report as its log-prob (the policy a greedy sample is trained toward is
-    the temperature-1 policy; the sample itself is not drawn from it). The counts
+    token (temperature 0) is scored at temperature 1 over the full vocabulary, which is
+    what the engines report as its log-prob (truncation never changes an argmax; the
+    policy a greedy sample is trained toward is the temperature-1 policy, the sample
+    itself is not drawn from it). The counts
     ``data/unknown_temperature_tokens`` and ``data/greedy_tokens`` are over action tokens.
     """
     n = batch.num_tokens
@@ -234,6 +235,8 @@ def resolve_sampling(
     t = torch.where(t == 0, 1.0, t)  # [T]
     k = batch.top_k.to(dev) if batch.top_k is not None else torch.zeros(n, dtype=torch.int32, device=dev)
     p = batch.top_p.to(dev) if batch.top_p is not None else torch.ones(n, device=dev)
+    k = torch.where(greedy, 0, k)  # [T]
+    p = torch.where(greedy, 1.0, p)  # [T]
     counts = {"data/unknown_temperature_tokens": float(unknown.sum()),
               "data/greedy_tokens": float(greedy.sum())}
     return t, k, p, counts

@@ -124,11 +124,12 @@ def test_the_engine_samples_from_the_same_distribution():
             self.generator = torch.Generator().manual_seed(p.seed)
 
     chosen, lps, _ = torch_engine._sample(logits, [Seq(p) for p in params])
-    t = torch.tensor([p.temperature or 1.0 for p in params])  # greedy: scored at 1
+    # greedy: scored at temperature 1 over the full vocabulary (resolve_sampling's rule)
+    t = torch.tensor([p.temperature or 1.0 for p in params])
     got = processed_logprobs_from_hidden(
         hidden, weight, torch.tensor(chosen), temperature=t,
-        top_k=torch.tensor([p.top_k for p in params]),
-        top_p=torch.tensor([p.top_p for p in params]))
+        top_k=torch.tensor([p.top_k if p.temperature else 0 for p in params]),
+        top_p=torch.tensor([p.top_p if p.temperature else 1.0 for p in params]))
     assert_close(got.logprobs, torch.tensor(lps), 1e-5, 1e-5, "engine vs trainer")
 
 

@@ -46,6 +46,8 @@ def test_batch_carries_each_tokens_sampling_and_resolves_the_rules():
     assert (batch.temperature[~act] == 1).all()
     t, k, p, counts = resolve_sampling(batch, 1.3)
     assert t[act].tolist() == pytest.approx([0.7, 0.7, 1.0, 1.3])  # greedy -> 1, unknown -> 1.3
+    assert k[act].tolist() == [0, 0, 0, 0]  # greedy: full vocabulary (top_k 5 dropped)
+    assert p[act].tolist() == pytest.approx([0.9, 0.9, 1.0, 1.0])
     assert counts == {"data/unknown_temperature_tokens": 1.0, "data/greedy_tokens": 1.0}
     assert check_batch(batch, 1.3) == counts
     assert "another temperature" in scalar_sampling_problem(batch, 0.7)
