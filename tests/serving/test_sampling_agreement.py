@@ -12,10 +12,12 @@ from __future__ import annotations
 import httpx
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import lightning
 from lightning import _capture, _lifecycle
-from lightning._protocol import Sampling, Transition
+from lightning._protocol import Sampling, Transition, check_sampling
 from lightning._sequences import merge_transitions
 from lightning.training import pack_sequences
 
@@ -153,3 +155,34 @@ async def test_a_stream_that_leaves_parameters_out_gets_the_servers_report(stack
         _capture.uninstall()
     (t,) = [e for e in rec.events if isinstance(e, Transition)]
     assert t.sampling == Sampling(temperature=1.0, top_p=0.8, top_k=0, logprobs="processed")
+
+
+_num = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False, width=32),
+                 st.integers(-3, 3), st.just("0.7"))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(t=_num, p=_num, k=st.one_of(st.none(), st.integers(-3, 60)))
+async def test_any_sampling_request_is_a_4xx_or_reports_what_was_recorded(stack, t, p, k):
+    """Fuzzed sampling parameters against the live server with server-side capture: a
+    4xx (never a 5xx), or a 200 whose ``sampling`` report is what the transition carries."""
+    server, daemon, client = stack
+    rid = (await client.post("/v1/rollouts", json={"name": "fuzz"})).json()["rollout_id"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    body.update({key: v for key, v in (("temperature", t), ("top_p", p), ("top_k", k))
+                 if v is not None})
+    r = await client.post(f"/rollouts/{rid}/v1/chat/completions", json=body)
+    await client.post(f"/v1/rollouts/{rid}/end", json={})
+    traj = daemon.buffer.get_nowait()
+    assert r.status_code < 500, r.text
+    if r.status_code != 200:
+        assert traj.transitions == []
+        return
+    rep = r.json()["sampling"]
+    (tr,) = traj.transitions
+    assert tr.sampling == Sampling(temperature=rep["temperature"], top_p=rep["top_p"],
+                                   top_k=rep["top_k"], logprobs="processed")
+    assert check_sampling(tr.sampling) is None
+    if t is not None and not isinstance(t, str):
+        assert rep["temperature"] == pytest.approx(float(t))
