@@ -28,8 +28,8 @@ from lightning.algorithms.cispo import cispo_loss
 from lightning.algorithms.kl import kl_penalty_loss
 from lightning.algorithms.ppo import ppo_clip_loss
 from lightning.algorithms.tokens import from_padded, seq_ids, to_padded
-from lightning.kernels.logprobs import logprobs_from_hidden
-from lightning.training.batch import TrainBatch
+from lightning.kernels.logprobs import processed_logprobs_from_hidden
+from lightning.training.batch import TrainBatch, resolve_sampling
 
 __all__ = [
     "LossSettings",
@@ -38,7 +38,10 @@ __all__ = [
     "StepSums",
     "action_logprobs",
     "agg_units",
+    "check_batch",
     "micro_batch_loss",
+    "require_ref_logprobs",
+    "scalar_sampling_problem",
     "policy_loss",
     "step_metrics",
 ]
@@ -72,11 +75,18 @@ class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     clip_ratio_c: float | None = 3.0
     """PPO dual-clip bound for negative advantages (> 1); ``None`` disables it."""
     kl_coef: float = 0.0
-    """Weight of the KL penalty to ``batch.ref_logprobs`` (ignored when the batch has none)."""
+    """Weight of the KL penalty to a frozen reference policy, the initial weights. The
+    torch backend computes the reference log-probs itself (one no-grad forward per step;
+    memory: one more copy of the weights, none with LoRA, whose reference is the model
+    with the adapter disabled); ``batch.ref_logprobs``, when given, are used instead. The
+    DeepSpeed and verl backends keep no reference: with ``kl_coef > 0`` they need
+    ``batch.ref_logprobs`` and fail the step, saying so, without them."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator (see :mod:`lightning.algorithms.kl`)."""
     temperature: float = 1.0
-    """Sampling temperature the log-probs are computed at (must match the sampler's)."""
+    """Temperature for tokens whose sampling temperature is unknown (counted as
+    ``data/unknown_temperature_tokens``); every other token is scored at the temperature
+    and top-k/top-p it was sampled with (see README "Sampling parameters")."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     seed: int | None = None
@@ -130,21 +140,36 @@ class LossSettings(Protocol):
 @dataclasses.dataclass
 class StepSums:
     """Per-step sums of micro-batch stats, each already weighted by its micro-batch's share
-    (``w`` for losses, ``tok_w`` = share of action tokens for the rest)."""
+    (``w`` for losses, ``tok_w`` = share of action tokens for the rest). ``gaps`` keeps
+    this rank's per-token ``|trainer - sampler|`` for the p99 (not all-reduced)."""
 
     policy: float = 0.0
     kl: float = 0.0
     clip_frac: float = 0.0
     approx_kl: float = 0.0
     gap: float = 0.0
+    ratio_mean: float = 0.0
+    clip_low: float = 0.0
+    clip_high: float = 0.0
+    entropy: float = 0.0
+    gaps: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    _SUMMED = ("policy", "kl", "clip_frac", "approx_kl", "gap", "ratio_mean", "clip_low",
+               "clip_high", "entropy")
 
     def to_tensor(self) -> torch.Tensor:
-        """float64 ``[5]`` (for an all-reduce across data-parallel ranks)."""
-        return torch.tensor(dataclasses.astuple(self), dtype=torch.float64)  # [5]
+        """float64 ``[9]`` of the summed stats (for an all-reduce across ranks)."""
+        return torch.tensor([getattr(self, f) for f in self._SUMMED], dtype=torch.float64)  # [9]
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> StepSums:
-        return cls(*(float(x) for x in t.tolist()))
+    def from_tensor(cls, t: torch.Tensor, gaps: list[torch.Tensor] | None = None) -> StepSums:
+        return cls(**dict(zip(cls._SUMMED, (float(x) for x in t.tolist()))), gaps=gaps or [])
+
+    def gap_p99(self) -> float:
+        if not self.gaps:
+            return 0.0
+        g = torch.cat(self.gaps).float()  # [N]
+        return float(torch.quantile(g, 0.99)) if g.numel() else 0.0
 
 
 def agg_units(batch: TrainBatch, loss_agg: str) -> float:
@@ -158,15 +183,24 @@ def agg_units(batch: TrainBatch, loss_agg: str) -> float:
 
 
 def action_logprobs(
-    decoder: Any, weight: torch.Tensor, mb: TrainBatch, *, temperature: float, impl: str | None
-) -> torch.Tensor:
+    decoder: Any,
+    weight: torch.Tensor,
+    mb: TrainBatch,
+    *,
+    temperature: float,
+    impl: str | None,
+    return_entropy: bool = False,
+) -> Any:
     """Log-probs of ``mb``'s action tokens, float32 ``[T_mb]`` (0 off actions); differentiable
-    when grad is enabled.
+    when grad is enabled. With ``return_entropy``: ``(logprobs, entropy)``, both ``[T_mb]``.
 
     ``mb`` is right-padded to ``[b, L]`` with an attention mask and its own ``position_ids``
     (attention never crosses sequences) and run through ``decoder`` (the model without its
     LM head); the log-probs come from the hidden state one position before each action and
-    the output-embedding ``weight`` ``[V, H]``, chunked over the vocabulary.
+    the output-embedding ``weight`` ``[V, H]``, chunked over the vocabulary. Each token is
+    scored under the processing that sampled it (its temperature, top-k, top-p;
+    :func:`~lightning.training.batch.resolve_sampling` with ``temperature`` for unknown
+    ones), the distribution whose log-probs the engines return.
     """
     cu = mb.cu_seqlens  # [b + 1]
     ids = to_padded(mb.input_ids, cu, pad=0)  # [b, L]
@@ -176,15 +210,22 @@ def action_logprobs(
     hidden_padded = out.last_hidden_state  # [b, L, H]
     hidden = from_padded(hidden_padded, cu)  # [T_mb, H]
     act = mb.action_mask.nonzero().squeeze(-1)  # [N]: action positions (never a sequence start)
-    lp = logprobs_from_hidden(
+    temps, top_k, top_p, _ = resolve_sampling(mb, temperature)  # [T_mb] each
+    out = processed_logprobs_from_hidden(
         hidden[act - 1],  # [N, H]: the hidden state one position before each action
         weight,  # [V, H]
         mb.input_ids[act],  # [N]
-        temperature=temperature,
+        temperature=temps[act],  # [N]
+        top_k=top_k[act],  # [N]
+        top_p=top_p[act],  # [N]
+        return_entropy=return_entropy,
         impl=impl,
-    ).logprobs  # [N] fp32
-    full = torch.zeros(mb.num_tokens, dtype=torch.float32, device=lp.device)  # [T_mb]
-    return full.index_put((act,), lp)  # [T_mb]
+    )  # [N] fp32
+    full = torch.zeros(mb.num_tokens, dtype=torch.float32, device=out.logprobs.device)  # [T_mb]
+    lp = full.index_put((act,), out.logprobs)  # [T_mb]
+    if not return_entropy:
+        return lp
+    return lp, full.index_put((act,), out.entropy.detach())  # [T_mb], [T_mb]
 
 
 def policy_loss(lp: torch.Tensor, mb: TrainBatch, cfg: LossSettings) -> tuple[torch.Tensor, Any]:
@@ -225,11 +266,13 @@ def micro_batch_loss(
     tok_w: float,
     use_kl: bool,
     sums: StepSums,
+    entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss to back-propagate for one micro-batch, ``[]``: (policy loss + ``kl_coef`` *
     KL) * ``w``, where ``w`` is the micro-batch's share of the batch's aggregation units.
     Adds the micro-batch's detached stats to ``sums`` (``tok_w``: its share of the batch's
-    action tokens). ``lp`` is :func:`action_logprobs` of ``mb`` ``[T_mb]``."""
+    action tokens). ``lp`` is :func:`action_logprobs` of ``mb`` ``[T_mb]``, ``entropy``
+    its per-token entropy (for the metric) or None."""
     loss, stats = policy_loss(lp, mb, cfg)  # [], stats
     total = loss  # []
     if use_kl:
@@ -244,13 +287,89 @@ def micro_batch_loss(
         )  # [], KLStats
         total = total + cfg.kl_coef * kl  # []
         sums.kl += float(kl.detach()) * w
-    m = mb.action_mask  # [T_mb]
-    gap = ((lp.detach() - mb.old_logprobs).abs() * m).sum() / m.sum()  # []
+    _add_token_stats(lp, mb, cfg, tok_w, sums, entropy)
     sums.policy += float(loss.detach()) * w
     sums.clip_frac += float(stats.clip_frac) * tok_w
     sums.approx_kl += float(stats.approx_kl) * tok_w
-    sums.gap += float(gap) * tok_w
     return total * w  # []
+
+
+def _add_token_stats(
+    lp: torch.Tensor, mb: TrainBatch, cfg: LossSettings, tok_w: float, sums: StepSums,
+    entropy: torch.Tensor | None,
+) -> None:
+    """Trainer-vs-sampler gap (mean, and the tokens for the p99), ratio mean, the fractions
+    of tokens whose ratio the clip holds at the low (``A < 0``) and high (``A > 0``) bound,
+    and the entropy, over ``mb``'s action tokens."""
+    with torch.no_grad():
+        m = mb.action_mask  # [T_mb]
+        n = m.sum().clamp(min=1)  # []
+        gap = (lp.detach() - mb.old_logprobs).abs()  # [T_mb]
+        ratio = torch.exp(torch.clamp(lp.detach() - mb.old_logprobs, -20.0, 20.0))  # [T_mb]
+        low = 0.2 if cfg.clip_ratio_low is None else cfg.clip_ratio_low
+        if cfg.loss == "cispo" and cfg.clip_ratio_low is None:
+            low = 1.0
+        adv = mb.advantages  # [T_mb]
+        clip_low = m & (adv < 0) & (ratio < 1.0 - low)  # [T_mb]
+        clip_high = m & (adv > 0) & (ratio > 1.0 + cfg.clip_ratio_high)  # [T_mb]
+        sums.gap += float((gap * m).sum() / n) * tok_w
+        sums.ratio_mean += float((ratio * m).sum() / n) * tok_w
+        sums.clip_low += float(clip_low.sum() / n) * tok_w
+        sums.clip_high += float(clip_high.sum() / n) * tok_w
+        if entropy is not None:
+            sums.entropy += float((entropy * m).sum() / n) * tok_w
+        sums.gaps.append(gap[m].float().cpu())
+
+
+def check_batch(batch: TrainBatch, temperature: float) -> dict[str, float]:
+    """Refuse a batch a step cannot train on honestly; return its data counts
+    (``data/unknown_temperature_tokens``, ``data/greedy_tokens``).
+
+    Raises:
+        ValueError: an action token's old log-prob is NaN (its sampler log-prob was
+            missing or untrusted and nobody recomputed it: the Trainer does that before
+            the step, see ``BatcherConfig.missing_logprobs``).
+    """
+    bad = torch.isnan(batch.old_logprobs) & batch.action_mask  # [T]
+    if bool(bad.any()):
+        raise ValueError(
+            f"{int(bad.sum())} action tokens have no usable old log-prob (NaN: the sampler's "
+            "were missing or not of the processed distribution): recompute them first "
+            "(lightning.training.Trainer does with missing_logprobs='recompute') or drop "
+            "those sequences (missing_logprobs='drop')"
+        )
+    return resolve_sampling(batch, temperature)[3]
+
+
+def scalar_sampling_problem(batch: TrainBatch, temperature: float) -> str | None:
+    """Why ``batch`` cannot be scored at the one ``temperature`` without truncation that
+    a backend with a scalar-temperature scorer (verl's actor) offers, or None."""
+    t, k, p, _ = resolve_sampling(batch, temperature)  # [T] each
+    act = batch.action_mask  # [T]
+    off = act & ((t - temperature).abs() > 1e-6)  # [T]
+    cut = act & ((k > 0) | (p < 1.0))  # [T]
+    if not bool(off.any() | cut.any()):
+        return None
+    seen = sorted({round(float(v), 4) for v in t[act].unique()})
+    return (
+        f"{int(off.sum())} action tokens were sampled at another temperature than the "
+        f"configured {temperature} (seen: {seen}) and {int(cut.sum())} with top-k/top-p; "
+        "verl's actor scores one temperature over the full vocabulary. Sample at "
+        f"temperature={temperature} with top_p=1 and top_k=0, set the backend's "
+        "temperature to the agent's, or train with the torch or deepspeed backend, which "
+        "score each token under its own sampling"
+    )
+
+
+def require_ref_logprobs(batch: TrainBatch, kl_coef: float, backend: str) -> None:
+    """For backends that keep no reference policy: ``kl_coef > 0`` needs the batch's own
+    ``ref_logprobs``. Raises ``ValueError`` with the fix (never a silently skipped KL)."""
+    if kl_coef > 0 and batch.ref_logprobs is None:
+        raise ValueError(
+            f"kl_coef={kl_coef} but the {backend} backend keeps no reference policy and this "
+            "batch has no ref_logprobs: set kl_coef = 0, supply batch.ref_logprobs, or train "
+            "with the torch backend (it keeps the initial weights as the reference)"
+        )
 
 
 def step_metrics(
@@ -276,6 +395,11 @@ def step_metrics(
         "actor/clip_frac": sums.clip_frac,
         "actor/approx_kl": sums.approx_kl,
         "actor/logprob_gap": sums.gap,
+        "actor/logprob_gap_p99": sums.gap_p99(),
+        "actor/ratio_mean": sums.ratio_mean,
+        "actor/clip_frac_low": sums.clip_low,
+        "actor/clip_frac_high": sums.clip_high,
+        "actor/entropy": sums.entropy,
         "actor/lr": lr,
         "actor/skipped": float(skipped),
         "perf/tokens": float(tokens),

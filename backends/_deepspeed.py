@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -85,7 +86,9 @@ from ._common import (
     as_settings,
     action_logprobs,
     agg_units,
+    check_batch,
     micro_batch_loss,
+    require_ref_logprobs,
     step_metrics,
 )
 
@@ -276,14 +279,15 @@ class _PolicyLogprobs(torch.nn.Module):
     def head_weight(self) -> torch.nn.Parameter:
         return self.model.get_output_embeddings().weight  # [V, H]
 
-    def forward(self, mb: TrainBatch) -> torch.Tensor:
+    def forward(self, mb: TrainBatch, return_entropy: bool = False) -> Any:
         return action_logprobs(
             self.model.get_decoder(),
             self.head_weight(),  # [V, H]
             mb,
             temperature=self._temperature,
             impl=self._impl,
-        )  # [T_mb]
+            return_entropy=return_entropy,
+        )  # [T_mb] (, [T_mb] entropy)
 
 
 class DeepSpeedBackend:
@@ -567,9 +571,11 @@ class DeepSpeedBackend:
         cfg, engine = self._cfg, self._engine
         t0 = time.perf_counter()
         batch = batch.to(self._device)
+        data = check_batch(batch, cfg.temperature)
         n_act = float(batch.action_mask.sum())
         total_units = agg_units(batch, cfg.loss_agg)
-        use_kl = cfg.kl_coef > 0 and batch.ref_logprobs is not None
+        require_ref_logprobs(batch, cfg.kl_coef, "deepspeed")
+        use_kl = cfg.kl_coef > 0
         micro = split_by_token_budget(batch, cfg.micro_batch_tokens)
         work = [mb for mb in micro if agg_units(mb, cfg.loss_agg) > 0]
         sums = StepSums()
@@ -586,8 +592,9 @@ class DeepSpeedBackend:
                 w = units / total_units * scale  # share of the big batch; x N for DS's mean
                 tok_w = float(mb.action_mask.sum()) / n_act * (scale > 0)
                 engine.set_gradient_accumulation_boundary(i == rounds - 1)
-                lp = engine(mb)  # [T_mb]
-                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums)
+                lp, ent = engine(mb, return_entropy=True)  # [T_mb], [T_mb]
+                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums,
+                                        entropy=ent)
                 engine.backward(loss, scale_wrt_gas=False)
             own_norm = self._plain_grad_norm()
             engine.step()
@@ -595,18 +602,13 @@ class DeepSpeedBackend:
             grad_norm = float(norm) if norm is not None else own_norm
             self.step += 1
             # the stats were weighted with the x N loss scale: undo it, then sum over ranks
-            sums = StepSums(
-                policy=sums.policy / self._world,
-                kl=sums.kl / self._world,
-                clip_frac=sums.clip_frac,
-                approx_kl=sums.approx_kl,
-                gap=sums.gap,
-            )
-            if self._world > 1:
-                t = sums.to_tensor().to(self._device)  # [5]
+            sums = dataclasses.replace(sums, policy=sums.policy / self._world,
+                                       kl=sums.kl / self._world)
+            if self._world > 1:  # the p99 stays this rank's own tokens'
+                t = sums.to_tensor().to(self._device)  # [9]
                 dist.all_reduce(t)
-                sums = StepSums.from_tensor(t.cpu())
-        return step_metrics(
+                sums = StepSums.from_tensor(t.cpu(), sums.gaps)
+        return data | step_metrics(
             sums,
             kl_coef=cfg.kl_coef,
             grad_norm=grad_norm,

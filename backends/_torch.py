@@ -28,6 +28,8 @@ Errors from torch/transformers/peft during a step are wrapped in
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import time
@@ -47,6 +49,7 @@ from ._common import (
     as_settings,
     action_logprobs,
     agg_units,
+    check_batch,
     micro_batch_loss,
     step_metrics,
 )
@@ -119,6 +122,7 @@ class TorchBackend:
         self._optimizer: torch.optim.Optimizer | None = None
         self._device = torch.device("cpu")
         self._lora = False
+        self._reference: Any = None  # frozen copy of the initial weights (kl_coef > 0, no LoRA)
         self.step = 0
         """Optimizer steps taken (restored by :meth:`load`)."""
 
@@ -188,6 +192,10 @@ class TorchBackend:
                 model = peft.get_peft_model(model, lora_cfg)
         model.train()
         self._model, self._device, self._lora = model, device, cfg.lora_rank > 0
+        if cfg.kl_coef > 0 and not self._lora:
+            # the reference policy: the initial weights, frozen (one more copy of the
+            # model's weights in memory; LoRA needs none: the adapter is switched off)
+            self._reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         self._optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
@@ -206,13 +214,44 @@ class TorchBackend:
         model = self._model.get_base_model() if self._lora else self._model
         return model.get_decoder(), model.get_output_embeddings().weight  # weight [V, H]
 
-    def _action_logprobs(self, mb: TrainBatch) -> torch.Tensor:
+    def _action_logprobs(self, mb: TrainBatch, return_entropy: bool = False) -> Any:
         """Log-probs of ``mb``'s action tokens under the current weights, float32 ``[T_mb]``
-        (0 off actions); differentiable when grad is enabled."""
+        (0 off actions; with ``return_entropy``, and their entropy); differentiable when
+        grad is enabled."""
         decoder, weight = self._decoder_and_head()
         return action_logprobs(
-            decoder, weight, mb, temperature=self._cfg.temperature, impl=self._cfg.logprob_impl
-        )  # [T_mb]
+            decoder, weight, mb, temperature=self._cfg.temperature, impl=self._cfg.logprob_impl,
+            return_entropy=return_entropy,
+        )  # [T_mb] (, [T_mb])
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Log-probs of the action tokens under the reference policy (the initial weights;
+        with LoRA, the model with its adapter disabled), float32 ``[T]`` on the training
+        device, each token under its own sampling processing. Needs ``kl_coef > 0``."""
+        self._check_ready()
+        cfg = self._cfg
+        if cfg.kl_coef <= 0:
+            raise BackendError("reference_logprobs needs kl_coef > 0 (no reference is kept)")
+        batch = batch.to(self._device)
+        if self._lora:
+            ctx: Any = self._model.disable_adapter()
+            decoder, weight = self._decoder_and_head()
+        else:
+            ctx = contextlib.nullcontext()
+            decoder = self._reference.get_decoder()
+            weight = self._reference.get_output_embeddings().weight  # [V, H]
+        was_training = self._model.training
+        self._model.eval()  # no LoRA dropout in the reference
+        parts = []
+        try:
+            with ctx, map_torch_exceptions("computing reference log-probs"):
+                for mb in split_by_token_budget(batch, cfg.micro_batch_tokens):
+                    parts.append(action_logprobs(decoder, weight, mb, temperature=cfg.temperature,
+                                                 impl=cfg.logprob_impl))  # [T_mb]
+        finally:
+            self._model.train(was_training)
+        return torch.cat(parts)  # [T]
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -243,9 +282,12 @@ class TorchBackend:
         cfg = self._cfg
         t0 = time.perf_counter()
         batch = batch.to(self._device)
+        data = check_batch(batch, cfg.temperature)
         n_act = float(batch.action_mask.sum())
         total_units = agg_units(batch, cfg.loss_agg)
-        use_kl = cfg.kl_coef > 0 and batch.ref_logprobs is not None
+        use_kl = cfg.kl_coef > 0
+        if use_kl and batch.ref_logprobs is None:
+            batch = dataclasses.replace(batch, ref_logprobs=self.reference_logprobs(batch))
         micro = split_by_token_budget(batch, cfg.micro_batch_tokens)
         sums = StepSums()
         self._model.train()
@@ -257,8 +299,9 @@ class TorchBackend:
                     continue
                 w = units / total_units  # share of the big batch's aggregation
                 tok_w = float(mb.action_mask.sum()) / n_act
-                lp = self._action_logprobs(mb)  # [T_mb]
-                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums)
+                lp, ent = self._action_logprobs(mb, return_entropy=True)  # [T_mb], [T_mb]
+                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums,
+                                        entropy=ent)
                 loss.backward()
             skipped = total_units == 0
             params = [p for g in self._optimizer.param_groups for p in g["params"]]
@@ -269,7 +312,7 @@ class TorchBackend:
                 self._optimizer.step()
                 self.step += 1
             self._optimizer.zero_grad(set_to_none=True)
-        return step_metrics(
+        return data | step_metrics(
             sums,
             kl_coef=cfg.kl_coef,
             grad_norm=grad_norm,

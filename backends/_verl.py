@@ -62,9 +62,15 @@ from lightning.algorithms.aggregate import get_aggregator
 from lightning.algorithms.cispo import cispo_loss
 from lightning.algorithms.kl import kl_penalty_loss
 from lightning.algorithms.ppo import ppo_clip_loss
-from lightning.training.batch import TrainBatch
+from lightning.training.batch import TrainBatch, select_sequences
 
-from ._common import TrainSettings, as_settings
+from ._common import (
+    TrainSettings,
+    as_settings,
+    check_batch,
+    require_ref_logprobs,
+    scalar_sampling_problem,
+)
 
 if importlib.util.find_spec("verl") is None:  # get_backend turns this into "pip install [verl]"
     raise ModuleNotFoundError("No module named 'verl'", name="verl")
@@ -666,14 +672,25 @@ class VerlBackend:
 
     # ------------------------------------------------------------------ log-probs
 
+    def _check_sampling(self, batch: TrainBatch) -> None:
+        problem = scalar_sampling_problem(batch, self._cfg.temperature)
+        if problem is not None:
+            raise BackendError(f"the verl backend cannot score this batch: {problem}")
+
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Log-probs of the action tokens under the current weights, float32 ``[T]`` on CPU
-        (0 elsewhere), from verl's ``infer_batch``."""
+        (0 elsewhere), from verl's ``infer_batch``.
+
+        verl's actor scores every row at one temperature over the full vocabulary: a batch
+        with other temperatures or top-k/top-p truncation raises ``BackendError`` (see
+        :func:`~lightning_backends._common.scalar_sampling_problem`) rather than training
+        on biased ratios."""
         from verl.utils import tensordict_utils as tu
 
         self._check_ready()
         batch = batch.to("cpu")
+        self._check_sampling(batch)
         with map_verl_exceptions("computing log-probs"):
             td = to_verl_tensordict(
                 batch,
@@ -709,8 +726,11 @@ class VerlBackend:
         cfg = self._cfg
         t0 = time.perf_counter()
         batch = batch.to("cpu")
+        self._check_sampling(batch)
+        require_ref_logprobs(batch, cfg.kl_coef, "verl")
         n_act = float(batch.action_mask.sum())
         base = {
+            **check_batch(batch, cfg.temperature),
             "perf/tokens": float(batch.num_tokens),
             "perf/action_tokens": n_act,
         }
@@ -826,32 +846,12 @@ def _rows_with_actions(batch: TrainBatch) -> TrainBatch:
     loss and no aggregation unit)."""
     from lightning.algorithms.tokens import seq_ids
 
-    cu = batch.cu_seqlens
     counts = torch.zeros(batch.num_sequences, dtype=torch.int64).index_add(
-        0, seq_ids(cu).long(), batch.action_mask.long()
+        0, seq_ids(batch.cu_seqlens).long(), batch.action_mask.long()
     )  # [B]
     if bool((counts > 0).all()):
         return batch
-    keep_seq = counts > 0  # [B]
-    tok = keep_seq[seq_ids(cu).long()]  # [T]
-    lens = (cu[1:] - cu[:-1])[keep_seq]  # [B']
-    new_cu = torch.zeros(int(keep_seq.sum()) + 1, dtype=cu.dtype)  # [B' + 1]
-    new_cu[1:] = torch.cumsum(lens, 0)
-
-    def sel(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x[tok]
-
-    return TrainBatch(
-        input_ids=batch.input_ids[tok],
-        cu_seqlens=new_cu,
-        position_ids=batch.position_ids[tok],
-        action_mask=batch.action_mask[tok],
-        old_logprobs=batch.old_logprobs[tok],
-        advantages=batch.advantages[tok],
-        policy_versions=batch.policy_versions[keep_seq],
-        is_weights=sel(batch.is_weights),
-        ref_logprobs=sel(batch.ref_logprobs),
-    )
+    return select_sequences(batch, (counts > 0).nonzero().squeeze(-1))[0]
 
 
 def _flatten_metrics(raw: dict[str, Any]) -> dict[str, float]:

@@ -72,6 +72,7 @@ __all__ = [
     "Reward",
     "RolloutEnd",
     "RolloutStart",
+    "Sampling",
     "Span",
     "StoredEvent",
     "Transition",
@@ -123,6 +124,33 @@ class RolloutStart(_Base, tag="rollout.start"):
     """Unix time in seconds."""
 
 
+class Sampling(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """How a transition's response was sampled: the processing that shapes the sampling
+    distribution, and what its log-probs are. ``None`` means unknown (the client did not
+    say and the server did not report it): the trainer then applies a stated, counted rule
+    (see README "Sampling parameters"), it never guesses silently.
+
+    The distribution a response was drawn from is ``softmax(logits / temperature)``
+    restricted to the top-k tokens, then to the top-p nucleus of what is left (vLLM's and
+    the policy server's order), renormalised; temperature 0 is greedy (argmax).
+    """
+
+    temperature: float | None = None
+    """Softmax temperature; 0 = greedy."""
+    top_p: float | None = None
+    """Nucleus mass in (0, 1]; 1 = off."""
+    top_k: int | None = None
+    """Keep the k most likely tokens; 0 or -1 = off."""
+    logprobs: Literal["processed", "raw", ""] = ""
+    """What ``Transition.logprobs`` are: ``processed`` = log-softmax after temperature and
+    top-k/top-p (of the distribution sampled from; for greedy, at temperature 1 with the
+    same truncation), ``raw`` = log-softmax of the unprocessed logits, ``""`` unknown."""
+    other: dict[str, Any] = {}
+    """Other distribution-changing parameters the request set (``min_p``,
+    ``frequency_penalty``, ``logit_bias``...), as sent; the trainer cannot reproduce them
+    and counts the transitions that have any."""
+
+
 class Transition(_Base, tag="transition"):
     """One LLM call: state (prompt ids) -> action (response ids) with sampler log-probs."""
 
@@ -145,6 +173,9 @@ class Transition(_Base, tag="transition"):
     latency_s: float = 0.0
     created_at: float = 0.0
     metadata: dict[str, Any] = {}
+    sampling: Sampling | None = None
+    """The sampling parameters that produced the response; None when unknown (older
+    clients, ``record_transition`` without them)."""
 
 
 class Reward(_Base, tag="reward"):
@@ -541,6 +572,18 @@ def unpack_logprobs(data: bytes) -> array:
 # ------------------------------------------------------------------ validation
 
 
+def check_sampling(s: Sampling) -> str | None:
+    """What is wrong with ``s`` (one sentence naming the field and the fix), or None."""
+    t, p, k = s.temperature, s.top_p, s.top_k
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        return f"sampling.temperature must be a finite number >= 0 (0 = greedy), got {t!r}"
+    if p is not None and not 0 < p <= 1:
+        return f"sampling.top_p must be in (0, 1] (1 = off), got {p!r}"
+    if k is not None and not -1 <= k < 2**31:
+        return f"sampling.top_k must be an integer in [0, 2**31) (0 or -1 = off), got {k!r}"
+    return None
+
+
 def validate_event(event: Event) -> None:
     """Structural checks that do not need state; raise :class:`ProtocolError`."""
     if not event.rollout_id:
@@ -561,6 +604,8 @@ def validate_event(event: Event) -> None:
                 )
             if event.index < 0:
                 raise ProtocolError("transition index must be >= 0", code="invalid")
+            if event.sampling is not None and (problem := check_sampling(event.sampling)):
+                raise ProtocolError(problem, code="invalid")
         case Reward():
             if not math.isfinite(event.value):
                 raise ProtocolError(

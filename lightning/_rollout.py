@@ -58,11 +58,13 @@ from ._protocol import (
     Reward,
     RolloutEnd,
     RolloutStart,
+    Sampling,
     Span,
     Transition,
     pack_ids,
     pack_logprobs,
 )
+from ._sampling import make_sampling
 
 logger = structlog.get_logger()
 
@@ -540,6 +542,10 @@ def record_transition(
     latency_s: float = 0.0,
     metadata: Mapping[str, Any] | None = None,
     rollout: RolloutContext | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    logprob_convention: Literal["processed", "raw"] | None = None,
 ) -> int | None:
     """Record one LLM call directly: prompt and response token ids, sampler log-probs.
 
@@ -547,6 +553,13 @@ def record_transition(
     list, ``array('i')``, numpy array, torch tensor or packed int32 bytes; ``logprobs``
     must have one entry per response token. Returns the transition's index in its
     rollout (None if nothing was recorded).
+
+    ``temperature`` (0 = greedy), ``top_p`` and ``top_k`` are the sampling parameters
+    that produced the response, and ``logprob_convention`` says what ``logprobs`` are:
+    ``"processed"`` (after temperature and top-k/top-p, what vLLM's
+    ``processed_logprobs`` and the policy server return) or ``"raw"``. ``None`` means
+    unknown; the trainer then applies the rules in README "Sampling parameters" (it
+    scores at its configured temperature, and recomputes log-probs it cannot trust).
     """
     _check_args(
         "record_transition",
@@ -557,6 +570,8 @@ def record_transition(
         latency_s=(latency_s, numbers.Real, "a number of seconds"),
         metadata=(metadata, (Mapping, type(None)), "a mapping or None"),
     )
+    sampling = make_sampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                             logprobs=logprob_convention or "")
     prompt = pack_ids(prompt_ids)
     response = pack_ids(response_ids)
     lp = b"" if logprobs is None else pack_logprobs(logprobs)
@@ -579,6 +594,7 @@ def record_transition(
         trainable=trainable,
         latency_s=latency_s,
         metadata=metadata,
+        sampling=sampling,
     )
 
 
@@ -594,6 +610,7 @@ def _record_packed(
     trainable: bool,
     latency_s: float,
     metadata: Mapping[str, Any] | None,
+    sampling: Sampling | None = None,
 ) -> int:
     """Record a transition whose ids and log-probs are already packed and checked.
 
@@ -616,6 +633,7 @@ def _record_packed(
         latency_s=latency_s,
         created_at=time.time(),
         metadata=_builtins(metadata) if metadata else {},
+        sampling=sampling,
     )
     _submit(event)
     if _observer is not None:

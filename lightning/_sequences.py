@@ -9,6 +9,13 @@ actions. When the prefix does not match (the chat template rewrote history, the 
 truncated or summarised it), a new sequence starts, and the reason is counted and logged.
 Training data is never built by re-tokenizing text: every token id here is one the engine
 saw or sampled.
+
+Sampler log-probs that cannot serve as the PPO ``old`` log-probs are NaN, never 0:
+missing ones (``logprobs`` empty: counted ``logprobs.missing``), and ones whose convention
+is not the processed distribution while the sampling was not the identity (``raw`` or
+unknown convention with a temperature other than 1 or a truncation: counted
+``logprobs.untrusted``). The trainer recomputes NaN log-probs, or the batcher drops their
+sequences (``BatcherConfig.missing_logprobs``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections import Counter
 import msgspec
 import structlog
 
-from ._protocol import Transition, unpack_ids, unpack_logprobs
+from ._protocol import Sampling, Transition, unpack_ids, unpack_logprobs
 
 logger = structlog.get_logger()
 
@@ -34,7 +41,8 @@ class TokenSequence(msgspec.Struct, kw_only=True):
     action_mask: bytearray
     """1 for tokens the policy sampled (they get a loss), 0 for prompt/tool/user tokens."""
     logprobs: array
-    """``array('f')``: sampler log-prob per token (0.0 where not an action or unknown)."""
+    """``array('f')``: sampler log-prob per token: 0.0 where not an action, NaN on an
+    action whose sampler log-prob is missing or untrusted (see the module docstring)."""
     policy_versions: array
     """``array('i')``: version that sampled each action token (-1 elsewhere)."""
     transitions: list[int]
@@ -44,6 +52,26 @@ class TokenSequence(msgspec.Struct, kw_only=True):
     response_spans: list[tuple[int, int]] = []
     """``(start, end)`` token offsets of each merged transition's response, in the order of
     :attr:`transitions` (per-transition advantages are spread over these)."""
+    sampling: list[Sampling | None] = []
+    """Each merged transition's sampling parameters (None: unknown), in the order of
+    :attr:`transitions`: the trainer scores each response under its own processing."""
+
+
+def logprobs_usable(s: Sampling | None) -> bool:
+    """Whether sampler log-probs recorded under ``s`` are the processed distribution's.
+
+    Yes for ``logprobs="processed"`` and for unknown sampling (``None``: nothing says
+    otherwise; the trainer counts such data). Otherwise (``raw`` or unknown convention)
+    only when the processing is the identity: temperature 1 (or greedy, scored at 1) and
+    no top-k/top-p, an unset parameter counting as off.
+    """
+    if s is None or s.logprobs == "processed":
+        return True
+    return (s.temperature in (None, 0.0, 1.0) and s.top_p in (None, 1.0)
+            and s.top_k in (None, 0, -1))
+
+
+_NAN = array("f", [float("nan")])
 
 
 def _split_reason(prompt: bytes, context: bytes) -> str:
@@ -72,7 +100,14 @@ def merge_transitions(
             continue
         prompt, response = bytes(t.prompt_ids), bytes(t.response_ids)
         n_resp = len(response) // 4
-        lps = unpack_logprobs(t.logprobs) if t.logprobs else array("f", bytes(4 * n_resp))
+        if not t.logprobs:
+            counters["logprobs.missing"] += 1
+            lps = _NAN * n_resp
+        elif not logprobs_usable(t.sampling):
+            counters["logprobs.untrusted"] += 1
+            lps = _NAN * n_resp
+        else:
+            lps = unpack_logprobs(t.logprobs)
         if cur is not None and prompt.startswith(context):
             glue = unpack_ids(prompt[len(context):])
             counters["merged_turns"] += 1
@@ -84,6 +119,7 @@ def merge_transitions(
             cur = TokenSequence(
                 token_ids=array("i"), action_mask=bytearray(), logprobs=array("f"),
                 policy_versions=array("i"), transitions=[], prompt_len=len(prompt) // 4,
+                response_spans=[], sampling=[],
             )
             out.append(cur)
             counters["sequences"] += 1
@@ -101,5 +137,6 @@ def merge_transitions(
         cur.logprobs.extend(lps)
         cur.policy_versions.extend(array("i", [t.policy_version]) * n_resp)
         cur.transitions.append(k)
+        cur.sampling.append(t.sampling)
         context = prompt + response
     return out

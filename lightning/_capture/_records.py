@@ -385,6 +385,7 @@ class _Stream:
         self.prompt: Any = None
         self.version: int | None = None
         self.version_max: int | None = None
+        self.sampling: Any = None
         self.model: str = ""
         self.usage: Any = None
         self.choices: dict[int, _Choice] = {}
@@ -400,6 +401,8 @@ class _Stream:
             # swap weights mid-generation); the newest is kept in metadata if different.
             self.version = v if self.version is None else min(self.version, v)
             self.version_max = v if self.version_max is None else max(self.version_max, v)
+        if self.sampling is None and isinstance(chunk.get("sampling"), dict):
+            self.sampling = chunk["sampling"]  # the server's report (lightning's server)
         if not self.model and isinstance(chunk.get("model"), str):
             self.model = chunk["model"]
         if chunk.get("usage") is not None:

@@ -98,6 +98,7 @@ import structlog
 
 from .. import _rollout
 from .._protocol import Transition
+from .._sampling import sampling_from_request
 from . import _records
 from ._records import ChatStream, CompletionStream, Record, ResponsesStream
 
@@ -479,7 +480,8 @@ def _finish_json(call: _Call, resp: Any) -> None:
     else:
         records = _records.response_records(resp)
     model = _records._get(resp, "model")
-    _record(call, records, _records._policy_version(resp), model, _records._usage(resp))
+    _record(call, records, _records._policy_version(resp), model, _records._usage(resp),
+            _records._get(resp, "sampling"))
 
 
 def _record(
@@ -488,7 +490,10 @@ def _record(
     version: int | None,
     model: Any,
     usage: Any,
+    reported: Any = None,
 ) -> None:
+    """Record one transition per choice; ``reported`` is the server's ``"sampling"``
+    report, if the response has one (see :mod:`lightning._sampling`)."""
     if not records:
         return
     ctx = call.ctx
@@ -508,6 +513,7 @@ def _record(
     latency = time.perf_counter() - call.t0
     model = model if isinstance(model, str) and model else str(call.request.get("model") or "")
     several = len(records) > 1 or _records._n(call.request) > 1
+    sampling = sampling_from_request(call.request, reported=reported)
     for rec in records:
         meta: dict[str, Any] = {
             "endpoint": call.endpoint,
@@ -541,6 +547,7 @@ def _record(
             trainable=rec.trainable,
             latency_s=latency,
             metadata=meta,
+            sampling=sampling,
         )
 
 
@@ -702,9 +709,10 @@ class _Sink:
                 acc.policy_version,
                 _records._get(final, "model") or acc.model,
                 _records._usage(final),
+                _records._get(final, "sampling"),
             )
         else:
-            _record(call, records, acc.version, acc.model, acc.usage)
+            _record(call, records, acc.version, acc.model, acc.usage, acc.sampling)
 
     def fail(self, where: str, exc: BaseException) -> None:
         self.broken = True

@@ -155,7 +155,7 @@ class Choice(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: list[float]
     """Log-prob of each sampled token under the *processed* distribution: log-softmax of
     the logits after temperature and top-k/top-p masking (vLLM's processed_logprobs). For
-    greedy requests the temperature is taken as 1."""
+    greedy requests: at temperature 1 over the full vocabulary."""
     top_logprobs: list[list[tuple[int, float]]] | None
     """Per token, the ``top_logprobs`` most likely ``(token_id, logprob)`` of the processed
     distribution, most likely first; ``None`` when not requested."""

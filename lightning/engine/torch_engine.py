@@ -52,7 +52,8 @@ Sampling (per row, vectorised)
     noise). Cost per row: a few passes over the logits and three uniforms, where a
     Gumbel/exponential race needs a random number per vocabulary entry (that was 70% of
     a batch-16 decode step on the tiny model). Greedy (temperature 0) takes the argmax
-    and reports log-probs at temperature 1.
+    and reports log-probs at temperature 1 over the full vocabulary (its top-k/top-p
+    cannot change the argmax and are not applied).
 
 CPU threads: forwards run on the anyio worker thread. Once another thread (say a trainer on
 the main thread) has also run torch ops, libgomp manages more OpenMP threads than there
@@ -84,6 +85,7 @@ import torch
 from anyio.abc import TaskGroup, TaskStatus
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from lightning.kernels.logprobs.reference import truncation_threshold as _threshold
 from lightning.engine.base import (
     CompletionDelta,
     EngineClosedError,
@@ -1001,28 +1003,6 @@ class TorchEngine:
 _CANDIDATES = (1024, 8192)
 
 
-def _threshold(
-    values: torch.Tensor, lse: torch.Tensor, ks: torch.Tensor, ps: torch.Tensor, vocab: int
-) -> torch.Tensor:
-    """Smallest kept logit per row for top-k then top-p (top-p applies to the
-    top-k-renormalised distribution).
-
-    values: [F, K] scaled logits sorted descending (the K most likely tokens); lse: [F, 1]
-    log-sum-exp of each full row; ks, ps: [F] top-k (``vocab`` when off) and top-p. The
-    kept tokens are a prefix of ``values``; returns its last value, [F, 1]. Tokens tied
-    with it are kept too.
-    """
-    remove = torch.arange(values.shape[1], device=values.device)[None, :] >= ks[:, None]  # [F, K]
-    limited = values.masked_fill(remove, -math.inf)
-    norm = torch.where(ks[:, None] < vocab, torch.logsumexp(limited, -1, keepdim=True), lse)
-    probs = (limited - norm).exp()  # [F, K]
-    before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-    remove |= before >= ps[:, None]
-    remove[:, 0] = False
-    kept = (~remove).sum(dim=-1, keepdim=True)  # [F, 1], a prefix
-    return values.gather(1, kept - 1)
-
-
 #: Sampling descends a tree over the vocabulary with _FANOUT children per node and
 #: _LEVELS levels (leaves padded to a multiple of _FANOUT ** (_LEVELS - 1)).
 _FANOUT = 64
@@ -1081,7 +1061,10 @@ def _sample(
     params = [s.req.params for s in seqs]
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
     x = x / temps[:, None]
-    filtered = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    # greedy rows skip truncation: it never changes the argmax, and their log-probs are
+    # then those of the temperature-1 distribution (vLLM's for greedy requests too)
+    filtered = [i for i, p in enumerate(params)
+                if p.temperature > 0 and (0 < p.top_k < vocab or p.top_p < 1.0)]
     if filtered:
         idx = torch.tensor(filtered, device=dev)
         sub = x.index_select(0, idx)  # [F, V]

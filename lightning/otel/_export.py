@@ -161,8 +161,15 @@ class Exporter:
             attrs[A.GEN_AI_REQUEST_MODEL] = req_model
         if ev.model:
             attrs[A.GEN_AI_RESPONSE_MODEL] = ev.model
+        sampling = ev.sampling
+        if sampling is not None:  # what the transition knows beats the request's copy
+            request = {**request, **{k: v for k in ("temperature", "top_p", "top_k")
+                                     if (v := getattr(sampling, k)) is not None}}
+            if sampling.logprobs:
+                attrs[A.LOGPROB_CONVENTION] = sampling.logprobs
         for key, attr in (("temperature", A.GEN_AI_REQUEST_TEMPERATURE),
                           ("top_p", A.GEN_AI_REQUEST_TOP_P),
+                          ("top_k", A.GEN_AI_REQUEST_TOP_K),
                           ("max_tokens", A.GEN_AI_REQUEST_MAX_TOKENS),
                           ("max_completion_tokens", A.GEN_AI_REQUEST_MAX_TOKENS),
                           ("max_output_tokens", A.GEN_AI_REQUEST_MAX_TOKENS)):

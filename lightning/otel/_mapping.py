@@ -61,6 +61,7 @@ from .._protocol import (
     pack_ids,
     pack_logprobs,
 )
+from .._sampling import sampling_from_request
 from . import _attributes as A
 from ._model import OtelSpan
 
@@ -366,6 +367,12 @@ def _transition(rid: str, index: int, s: OtelSpan, source: str,
         finish = finish[0] if finish else ""
     finish = finish or a.get("gen_ai.completion.0.finish_reason") or ""
     model = _first(a, A.GEN_AI_RESPONSE_MODEL, A.GEN_AI_REQUEST_MODEL, "llm.model_name") or ""
+    convention = a.get(A.LOGPROB_CONVENTION)
+    sampling = sampling_from_request(
+        {"temperature": _num(a.get(A.GEN_AI_REQUEST_TEMPERATURE)),
+         "top_p": _num(a.get(A.GEN_AI_REQUEST_TOP_P)), "top_k": a.get(A.GEN_AI_REQUEST_TOP_K)},
+        logprobs=convention if convention in ("processed", "raw") else "",
+    )
     return Transition(
         rollout_id=rid,
         index=index,
@@ -379,6 +386,7 @@ def _transition(rid: str, index: int, s: OtelSpan, source: str,
         latency_s=max(0.0, s.end - s.start),
         created_at=s.end,
         metadata=meta,
+        sampling=sampling,
     )
 
 

@@ -68,6 +68,7 @@ from ..engine.base import (
     SamplingParams,
     check_request,
 )
+from .._protocol import Sampling
 from ..otel._receiver import TraceReceiver
 from ._chat import (
     RequestError,
@@ -125,14 +126,26 @@ def _error(status: int, message: str, *, param: str | None = None, code: str | N
 
 
 class _Ctx:
-    """Per-request context: rollout to capture into, timing."""
+    """Per-request context: rollout to capture into, timing, the sampling it ran with."""
 
-    __slots__ = ("rollout_id", "t0", "endpoint")
+    __slots__ = ("rollout_id", "t0", "endpoint", "sampling")
 
     def __init__(self, rollout_id: str | None, endpoint: str) -> None:
         self.rollout_id = rollout_id
         self.t0 = time.perf_counter()
         self.endpoint = endpoint
+        self.sampling: Sampling | None = None
+
+
+def _sampling(params: SamplingParams, ctx: _Ctx) -> dict[str, Any]:
+    """Record the request's resolved sampling on ``ctx`` (for server-side capture) and
+    return the ``"sampling"`` report every response carries (the app-side capture reads
+    it: a parameter the request left out is this server's default). The engines return
+    processed log-probs (see ``Choice.logprobs``)."""
+    ctx.sampling = Sampling(temperature=params.temperature, top_p=params.top_p,
+                            top_k=max(0, params.top_k), logprobs="processed")
+    return {"temperature": params.temperature, "top_p": params.top_p,
+            "top_k": max(0, params.top_k), "logprobs": "processed"}
 
 
 class PolicyServer:
@@ -419,6 +432,7 @@ class PolicyServer:
             finish_reason=finish or "",
             latency_s=time.perf_counter() - ctx.t0,
             metadata={"endpoint": ctx.endpoint, "source": "server", **metadata},
+            sampling=ctx.sampling,
         )
 
     def _check_capture_target(self, ctx: _Ctx) -> None:
@@ -479,12 +493,13 @@ class PolicyServer:
         params = self._params(req, max_tokens=max_tokens, top_logprobs=top, n=req.n)
         prompt_ids, has_tools = await self._tokenize(self._chat_prompt, req)
         self._check_fits(prompt_ids, params)
+        report = _sampling(params, ctx)
         cid = "chatcmpl-" + uuid.uuid4().hex
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self.engine.generate_stream(prompt_ids, params)
             return self._sse(self._chat_stream(stream, prompt_ids, params, has_tools, want_lp,
-                                               include_usage, cid, ctx, req))
+                                               include_usage, cid, ctx, req, report))
         result = await self.engine.generate(prompt_ids, params)
         choices = []
         for c in result.choices:
@@ -511,13 +526,13 @@ class PolicyServer:
             "id": cid, "object": "chat.completion", "created": int(time.time()),
             "model": req.model, "choices": choices, "usage": _usage(result),
             "prompt_token_ids": result.prompt_token_ids, "policy_version": result.policy_version,
-            "system_fingerprint": f"lightning-v{result.policy_version}",
+            "system_fingerprint": f"lightning-v{result.policy_version}", "sampling": report,
         })
 
     async def _chat_stream(self, stream: AsyncIterator[Any], prompt_ids: list[int],
                            params: SamplingParams, has_tools: bool, want_lp: bool,
                            include_usage: bool, cid: str, ctx: _Ctx,
-                           req: Any) -> AsyncIterator[bytes]:
+                           req: Any, report: dict[str, Any]) -> AsyncIterator[bytes]:
         created = int(time.time())
         model = req.model
         filters = {i: ToolCallStreamFilter() for i in range(params.n)} if has_tools else {}
@@ -530,6 +545,7 @@ class PolicyServer:
                                        "created": created, "model": model, "choices": choices}
             if first:
                 payload["prompt_token_ids"] = prompt_ids
+                payload["sampling"] = report
                 first = False
             payload.update(extra)
             return b"data: " + _json.encode(payload) + b"\n\n"
@@ -637,11 +653,13 @@ class PolicyServer:
                 raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                                    param="prompt")
             self._check_fits(p, params)
+        report = _sampling(params, ctx)
         cid = "cmpl-" + uuid.uuid4().hex
         if req.stream:
             if len(prompts) != 1:
                 raise RequestError("streaming supports a single prompt", param="prompt")
-            return self._sse(self._completions_stream(prompts[0], params, want_lp, cid, ctx, req))
+            return self._sse(self._completions_stream(prompts[0], params, want_lp, cid, ctx, req,
+                                                      report))
         results: list[GenerationResult] = []
         async with anyio.create_task_group() as tg:
             slots: list[Any] = [None] * len(prompts)
@@ -681,7 +699,7 @@ class PolicyServer:
             "id": cid, "object": "text_completion", "created": int(time.time()),
             "model": req.model, "choices": choices, "usage": usage,
             "prompt_token_ids": prompt_ids,
-            "policy_version": min(r.policy_version for r in results),
+            "policy_version": min(r.policy_version for r in results), "sampling": report,
         })
 
     def _legacy_logprobs(self, ids: list[int], lps: list[float],
@@ -701,7 +719,7 @@ class PolicyServer:
 
     async def _completions_stream(self, prompt_ids: list[int], params: SamplingParams,
                                   want_lp: bool, cid: str, ctx: _Ctx,
-                                  req: Any) -> AsyncIterator[bytes]:
+                                  req: Any, report: dict[str, Any]) -> AsyncIterator[bytes]:
         created = int(time.time())
         acc = {i: _StreamedChoice(-1) for i in range(params.n)}
         first = True
@@ -720,6 +738,7 @@ class PolicyServer:
                                            "policy_version": d.policy_version}
                 if first:
                     payload["prompt_token_ids"] = prompt_ids
+                    payload["sampling"] = report
                     first = False
                 yield b"data: " + _json.encode(payload) + b"\n\n"
                 if d.finish_reason is not None:
@@ -754,6 +773,7 @@ class PolicyServer:
         params = self._params(req, max_tokens=req.max_output_tokens, top_logprobs=0)
         prompt_ids, has_tools = await self._tokenize(self._responses_prompt, req)
         self._check_fits(prompt_ids, params)
+        report = _sampling(params, ctx)
         rid = "resp_" + uuid.uuid4().hex
         base = {
             "id": rid, "object": "response", "created_at": int(time.time()),
@@ -764,7 +784,7 @@ class PolicyServer:
             "top_p": params.top_p, "max_output_tokens": req.max_output_tokens,
             "text": msgspec.to_builtins(req.text) if req.text else {"format": {"type": "text"}},
             "metadata": req.metadata or {}, "error": None,
-            "incomplete_details": None,
+            "incomplete_details": None, "sampling": report,
         }
         if req.stream:
             return self._sse(self._responses_stream(prompt_ids, params, has_tools, base, ctx,

@@ -6,18 +6,29 @@ tensors of ``T`` tokens, no padding; sequence ``b`` covers ``cu_seqlens[b]:cu_se
 Log-prob convention: the log-prob of token ``t`` comes from the logits at position ``t - 1``
 of the same sequence. The first token of a sequence has no log-prob, so it is never an
 action (:func:`pack_sequences` rejects a sequence whose first token is one).
+
+Sampling: each action token carries the processing that sampled it (``temperature``,
+``top_k``, ``top_p``); a backend scores it under that same processed distribution, so the
+first on-policy step has ratio 1 whatever the agent's sampling parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
 
 from lightning._sequences import TokenSequence
 
-__all__ = ["TrainBatch", "pack_sequences", "split_by_token_budget"]
+__all__ = [
+    "TrainBatch",
+    "pack_sequences",
+    "resolve_sampling",
+    "select_sequences",
+    "split_by_token_budget",
+]
 
 
 @dataclasses.dataclass
@@ -43,6 +54,13 @@ class TrainBatch:
     """float32 ``[T]`` importance weights (e.g. TIS), or None."""
     ref_logprobs: torch.Tensor | None = None
     """float32 ``[T]`` reference-model log-probs for a KL penalty, or None."""
+    temperature: torch.Tensor | None = None
+    """float32 ``[T]``: the sampling temperature of each action token (0 = greedy, NaN =
+    unknown; 1 off actions). None: every token unknown. See ``resolve_sampling``."""
+    top_k: torch.Tensor | None = None
+    """int32 ``[T]``: top-k of each action token (0 = off). None: off everywhere."""
+    top_p: torch.Tensor | None = None
+    """float32 ``[T]``: top-p of each action token (1 = off). None: off everywhere."""
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +120,23 @@ def _per_token(
     return torch.cat(parts)  # [T]
 
 
+def _seq_sampling(s: TokenSequence, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token temperature (NaN unknown), top-k (0 off), top-p (1 off) of sequence ``s``."""
+    temp = torch.full((n,), math.nan, dtype=torch.float32)  # [n]
+    top_k = torch.zeros(n, dtype=torch.int32)  # [n]
+    top_p = torch.ones(n, dtype=torch.float32)  # [n]
+    for smp, (t0, t1) in zip(s.sampling, s.response_spans):
+        if smp is None:
+            continue
+        if smp.temperature is not None:
+            temp[t0:t1] = smp.temperature
+        if smp.top_k is not None and smp.top_k > 0:
+            top_k[t0:t1] = smp.top_k
+        if smp.top_p is not None:
+            top_p[t0:t1] = smp.top_p
+    return temp, top_k, top_p
+
+
 def pack_sequences(
     seqs: Sequence[TokenSequence],
     advantages: Sequence[float] | Sequence[Sequence[float]],
@@ -128,6 +163,7 @@ def pack_sequences(
             f"advantages must have one entry per sequence ({len(seqs)}), got {len(advantages)}"
         )
     ids, masks, lps, advs, versions, lengths = [], [], [], [], [], []
+    temps, top_ks, top_ps = [], [], []
     for b, (s, adv) in enumerate(zip(seqs, advantages)):
         n = len(s.token_ids)
         if n == 0:
@@ -151,6 +187,10 @@ def pack_sequences(
         pv = torch.frombuffer(s.policy_versions, dtype=torch.int32)[mask]  # [n_actions]
         versions.append(int(pv.min()) if pv.numel() else -1)
         lengths.append(n)
+        temp, top_k, top_p = _seq_sampling(s, n)
+        temps.append(torch.where(mask, temp, 1.0))  # [n]
+        top_ks.append(top_k)
+        top_ps.append(top_p)
     lens = torch.tensor(lengths, dtype=torch.int32)  # [B]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)  # [B + 1]
     cu[1:] = torch.cumsum(lens, 0)
@@ -165,7 +205,65 @@ def pack_sequences(
         policy_versions=torch.tensor(versions, dtype=torch.int64),  # [B]
         is_weights=_per_token("is_weights", is_weights, lengths),  # [T] | None
         ref_logprobs=_per_token("ref_logprobs", ref_logprobs, lengths),  # [T] | None
+        temperature=torch.cat(temps),  # [T]
+        top_k=torch.cat(top_ks),  # [T]
+        top_p=torch.cat(top_ps),  # [T]
     )
+
+
+def resolve_sampling(
+    batch: TrainBatch, default_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Per-token ``(temperature, top_k, top_p)`` [T] a backend scores with, and counts.
+
+    Rules (README "Sampling parameters"): an unknown temperature (NaN, or no
+    ``batch.temperature``) is the backend's configured ``default_temperature``; a greedy
+    token (temperature 0) is scored at temperature 1 over the full vocabulary, which is
+    what the engines report as its log-prob (truncation never changes an argmax; the
+    policy a greedy sample is trained toward is the temperature-1 policy, the sample
+    itself is not drawn from it). The counts
+    ``data/unknown_temperature_tokens`` and ``data/greedy_tokens`` are over action tokens.
+    """
+    n = batch.num_tokens
+    dev = batch.input_ids.device
+    act = batch.action_mask
+    t = batch.temperature if batch.temperature is not None else torch.full((n,), math.nan)
+    t = t.to(dev)  # [T]
+    unknown = torch.isnan(t) & act  # [T]
+    greedy = (t == 0) & act  # [T]
+    t = torch.where(torch.isnan(t), default_temperature, t)  # [T]
+    t = torch.where(t == 0, 1.0, t)  # [T]
+    k = batch.top_k.to(dev) if batch.top_k is not None else torch.zeros(n, dtype=torch.int32, device=dev)
+    p = batch.top_p.to(dev) if batch.top_p is not None else torch.ones(n, device=dev)
+    k = torch.where(greedy, 0, k)  # [T]
+    p = torch.where(greedy, 1.0, p)  # [T]
+    counts = {"data/unknown_temperature_tokens": float(unknown.sum()),
+              "data/greedy_tokens": float(greedy.sum())}
+    return t, k, p, counts
+
+
+def select_sequences(batch: TrainBatch, index: torch.Tensor) -> tuple[TrainBatch, torch.Tensor]:
+    """Sequences ``index`` (int [B_sel], ascending) as a batch of their own, and the
+    positions ``[T_sel]`` of their tokens in ``batch`` (to scatter results back)."""
+    cu = batch.cu_seqlens.long()  # [B + 1]
+    starts, ends = cu[index], cu[index + 1]  # [B_sel]
+    lens = ends - starts  # [B_sel]
+    pos = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)]) if len(index) \
+        else torch.zeros(0, dtype=torch.long)  # [T_sel]
+    cu_sel = torch.zeros(len(index) + 1, dtype=torch.int32)  # [B_sel + 1]
+    cu_sel[1:] = torch.cumsum(lens, 0)
+
+    def tok(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[pos]  # [T_sel]
+
+    sub = TrainBatch(
+        input_ids=batch.input_ids[pos], cu_seqlens=cu_sel, position_ids=batch.position_ids[pos],
+        action_mask=batch.action_mask[pos], old_logprobs=batch.old_logprobs[pos],
+        advantages=batch.advantages[pos], policy_versions=batch.policy_versions[index],
+        is_weights=tok(batch.is_weights), ref_logprobs=tok(batch.ref_logprobs),
+        temperature=tok(batch.temperature), top_k=tok(batch.top_k), top_p=tok(batch.top_p),
+    )
+    return sub, pos
 
 
 def _slice(batch: TrainBatch, b0: int, b1: int) -> TrainBatch:
@@ -186,6 +284,9 @@ def _slice(batch: TrainBatch, b0: int, b1: int) -> TrainBatch:
         policy_versions=batch.policy_versions[b0:b1],  # [B_mb]
         is_weights=tok(batch.is_weights),  # [T_mb] | None
         ref_logprobs=tok(batch.ref_logprobs),  # [T_mb] | None
+        temperature=tok(batch.temperature),  # [T_mb] | None
+        top_k=tok(batch.top_k),  # [T_mb] | None
+        top_p=tok(batch.top_p),  # [T_mb] | None
     )
 
 

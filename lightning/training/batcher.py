@@ -15,20 +15,23 @@ Groups
     is set aside instead of costing a forward and backward pass (DAPO's dynamic sampling).
     Trajectories without a group key (online traffic) are ready at once.
 
-Advantages (computed per batch, over whole groups)
-    The group baseline is taken over trajectory returns ``R_i = G_{i,0}`` (the return from
-    the first transition); transition ``k`` of trajectory ``i`` gets
+Advantages (computed per batch, over whole groups, by :mod:`lightning.algorithms`)
+    Like with like: transition ``k`` of trajectory ``i`` is compared with the returns
+    ``G_{j,k}`` of the same turn ``k`` of its group's trajectories ``j`` (those that reached
+    turn ``k``), so a later turn's return-to-go, which has fewer rewards left to collect,
+    is never measured against first-turn returns:
 
-    - ``grpo``: ``(G_{i,k} - mean_g R) / (std_g R + eps)``;
-    - ``grpo_no_std``: ``G_{i,k} - mean_g R`` (Dr. GRPO);
-    - ``rloo``: ``G_{i,k} - mean_{j in g, j != i} R_j``;
+    - ``grpo``: ``(G_{i,k} - mean_j G_{j,k}) / (std_j G_{j,k} + eps)``;
+    - ``grpo_no_std``: ``G_{i,k} - mean_j G_{j,k}`` (Dr. GRPO);
+    - ``rloo``: ``G_{i,k} - mean_{j != i} G_{j,k}``;
     - ``reinforce_pp``: ``G_{i,k}`` whitened over every transition of the batch.
 
-    With ``credit="final"`` every ``G_{i,k} = R_i``, and these are exactly the textbook
-    sequence-level estimators. A group of one has nothing to compare with: its advantages
-    are 0 (counted). Trajectories without a group key use the ``reinforce_pp`` baseline of
-    the batch's other ungrouped trajectories, whatever the estimator. The advantage of
-    transition ``k`` is spread over the tokens it sampled.
+    With ``credit="final"`` every ``G_{i,k} = R_i`` and the group is the baseline's set at
+    every turn: exactly the textbook sequence-level estimators. A turn no other member of
+    the group reached has nothing to compare with: its advantage is 0. Trajectories
+    without a group key use the ``reinforce_pp`` baseline of the batch's other ungrouped
+    transitions, whatever the estimator. The advantage of transition ``k`` is spread over
+    the tokens it sampled.
 
 Batches
     Ready groups are taken first-in first-out until the batch holds ``batch_size``
@@ -58,7 +61,9 @@ import torch
 
 from lightning._sequences import TokenSequence, merge_transitions
 from lightning.algorithms.credit import assign_credit
-from lightning.kernels import group_stats, masked_whiten
+from lightning.algorithms.grpo import grpo_advantages, grpo_advantages_no_std
+from lightning.algorithms.reinforce_pp import reinforce_pp_advantages
+from lightning.algorithms.rloo import rloo_advantages
 from lightning.training.batch import TrainBatch, pack_sequences
 
 logger = structlog.get_logger()
@@ -103,6 +108,12 @@ class BatcherConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Sequences sampled more than this many policy versions ago are stale."""
     stale_policy: Literal["drop", "is"] = "drop"
     """Stale sequences: drop them, or weight them by a truncated importance ratio."""
+    missing_logprobs: Literal["recompute", "drop"] = "recompute"
+    """Action tokens without usable sampler log-probs (none recorded, or not of the
+    processed distribution; NaN in the batch): ``recompute`` = the trainer scores them
+    with the current weights before the step (their ratio starts at 1: exact when they
+    were sampled by the current version, an on-policy approximation otherwise), ``drop`` =
+    their sequences are set aside (counted ``sequences_dropped_no_logprobs``). Never 0."""
 
     def __post_init__(self) -> None:
         _positive("group_size", self.group_size)
@@ -218,6 +229,8 @@ class Batcher:
         # training rollouts since the last health check: [completed, failed], first error
         self._health: list[Any] = [0, 0, None]
         self._health_since = clock()
+        self._version = 0  # the trainer's version at the last next_batch
+        self._warned_unknown_version = False
 
     # ------------------------------------------------------------------ intake
 
@@ -229,8 +242,15 @@ class Batcher:
     def pending_trajectories(self) -> int:
         return sum(len(g.members) for g in self._open.values())
 
-    def add(self, traj: Any) -> None:
-        """Take one finished trajectory (:class:`lightning._ingest.Trajectory`)."""
+    def add(self, traj: Any, *, version: int | None = None) -> None:
+        """Take one finished trajectory (:class:`lightning._ingest.Trajectory`).
+
+        ``version`` is the trainer's policy version as the trajectory arrives (None: the
+        one last given to :meth:`next_batch`). Actions whose policy version is unknown
+        (-1: a ``token_id_base_urls`` server, ``record_transition`` without one) are taken
+        to be of that version: the newest they can be, so staleness never drops them for
+        being unknown (counted ``unknown_version_transitions``, warned once).
+        """
         cfg = self.config
         c = self.counters
         c["trajectories"] += 1
@@ -256,6 +276,7 @@ class Batcher:
         if traj.status != "completed":
             c["failed_as_zero"] += 1
         seqs = merge_transitions(traj.transitions, self._seq_counters, rollout_id=traj.rollout_id)
+        self._date_unknown_versions(traj, seqs, self._version if version is None else version)
         if not seqs:
             c["set_aside.no_tokens"] += 1
             c["set_aside_train"] += 1
@@ -307,6 +328,27 @@ class Batcher:
         self._health = [0, 0, None]
         self._health_since = now
 
+    def _date_unknown_versions(self, traj: Any, seqs: list[TokenSequence], version: int) -> None:
+        unknown = sum(1 for t in traj.transitions if t.policy_version < 0)
+        if not unknown:
+            return
+        self.counters["unknown_version_transitions"] += unknown
+        for s in seqs:
+            pv = s.policy_versions
+            for i, act in enumerate(s.action_mask):
+                if act and pv[i] < 0:
+                    pv[i] = version
+        if not self._warned_unknown_version:
+            self._warned_unknown_version = True
+            logger.warning(
+                "batcher.unknown_policy_version", rollout_id=traj.rollout_id,
+                transitions=unknown, taken_as=version,
+                rule="a transition without a policy version counts as sampled by the version "
+                "current when it reached the trainer (counter unknown_version_transitions)",
+                fix="serve through the lightning policy server, or pass policy_version= to "
+                "record_transition",
+            )
+
     def expire(self, now: float | None = None) -> None:
         """Close groups that have waited ``group_timeout_s`` (oldest first)."""
         now = self._clock() if now is None else now
@@ -352,6 +394,7 @@ class Batcher:
         """A batch once ``batch_size`` trajectories are ready (``flush``: whatever is ready),
         else None. ``policy_version`` is the trainer's current version (staleness)."""
         cfg = self.config
+        self._version = policy_version
         if not self._ready or (self.ready_trajectories < cfg.batch_size and not flush):
             return None
         groups: list[list[_Prepared]] = []
@@ -373,12 +416,12 @@ class Batcher:
         consumed = self._set_aside + [m.index for g in groups for m in g]
         self._set_aside = []
         trajs = [m for g in groups for m in g]
-        adv = _transition_advantages(groups, cfg.estimator, cfg.eps)  # per traj: [n_k]
+        adv = _transition_advantages(groups, cfg.estimator, cfg.eps, cfg.credit)  # per traj: [n_k]
         seqs: list[TokenSequence] = []
         seq_adv: list[torch.Tensor] = []
         stale: list[bool] = []
         staleness: list[int] = []
-        dropped = 0
+        dropped = no_lp = recompute = 0
         for m, a in zip(trajs, adv):
             for s in m.seqs:
                 versions = [v for v, act in zip(s.policy_versions, s.action_mask) if act]
@@ -387,6 +430,12 @@ class Batcher:
                 if lag > cfg.max_staleness and cfg.stale_policy == "drop":
                     dropped += 1
                     continue
+                missing = sum(1 for lp, act in zip(s.logprobs, s.action_mask)
+                              if act and math.isnan(lp))
+                if missing and cfg.missing_logprobs == "drop":
+                    no_lp += 1
+                    continue
+                recompute += missing
                 tok = torch.zeros(len(s.token_ids), dtype=torch.float32)  # [n]
                 for k, (t0, t1) in zip(s.transitions, s.response_spans):
                     tok[t0:t1] = a[k]
@@ -395,6 +444,7 @@ class Batcher:
                 stale.append(lag > cfg.max_staleness)
                 staleness.append(lag)
         c["sequences_dropped_stale"] += dropped
+        c["sequences_dropped_no_logprobs"] += no_lp
         outcomes = torch.tensor([m.outcome for m in trajs], dtype=torch.float64)  # [N]
         window, self._outcomes = self._outcomes, []
         metrics = {
@@ -405,6 +455,8 @@ class Batcher:
             "batch/groups": float(len(groups)),
             "batch/sequences": float(len(seqs)),
             "batch/dropped_stale": float(dropped),
+            "batch/dropped_no_logprobs": float(no_lp),
+            "batch/recomputed_logprob_tokens": float(recompute),
             "reward/mean": float(outcomes.mean()) if len(trajs) else 0.0,
             "reward/std": float(outcomes.std()) if len(trajs) > 1 else 0.0,
             "staleness/mean": float(sum(staleness) / len(staleness)) if staleness else 0.0,
@@ -414,7 +466,8 @@ class Batcher:
             c["batches_empty"] += 1
             logger.warning(
                 "batcher.empty_batch", trajectories=len(trajs), dropped_stale=dropped,
-                reason="every sequence was staler than max_staleness",
+                reason="every sequence was staler than max_staleness or had no usable "
+                "sampler log-probs (missing_logprobs='drop')",
             )
             self._set_aside = consumed  # reported with the next batch
             return None
@@ -432,41 +485,41 @@ class Batcher:
 
 
 def _transition_advantages(
-    groups: list[list[_Prepared]], estimator: str, eps: float
+    groups: list[list[_Prepared]], estimator: str, eps: float, credit: str = "final"
 ) -> list[torch.Tensor]:
-    """Per trajectory, float32 ``[n_transitions]`` advantages (see the module docstring)."""
+    """Per trajectory, float32 ``[n_transitions]`` advantages (see the module docstring),
+    computed by :mod:`lightning.algorithms` (the functions the verl-parity tests cover)."""
     trajs = [m for g in groups for m in g]
     if not trajs:
         return []
     g_ids = torch.tensor(
         [gi if g[0].group_key is not None else -1 for gi, g in enumerate(groups) for _ in g]
     )  # [N]: -1 marks ungrouped trajectories
-    outcome = torch.tensor([m.outcome for m in trajs], dtype=torch.float32)  # [N]
     lengths = torch.tensor([len(m.returns) for m in trajs])  # [N]
     G = torch.tensor([r for m in trajs for r in m.returns], dtype=torch.float32)  # [K]
     owner = torch.repeat_interleave(torch.arange(len(trajs)), lengths)  # [K]
-    grouped = g_ids >= 0  # [N]
+    grouped = g_ids[owner] >= 0  # [K]
     if estimator.startswith("verl:"):
         return list(_verl_advantages(estimator[5:], G, owner, g_ids).split(lengths.tolist()))
-    adv = torch.zeros_like(G)  # [K]
     if estimator == "reinforce_pp":
-        adv = masked_whiten(G, None)  # [K]
-    elif grouped.any():
-        st = group_stats(outcome, g_ids)  # mean/std/count [N]; -1 is a group of its own
-        mean, std, count = st.mean[owner], st.std[owner], st.count[owner].float()  # [K]
-        if estimator == "grpo":
-            a = (G - mean) / (std + eps)
-        elif estimator == "grpo_no_std":
-            a = G - mean
-        elif estimator == "rloo":
-            # baseline: mean of the *other* members' outcomes
-            a = G - (count * mean - outcome[owner]) / (count - 1).clamp(min=1)
-        else:
-            raise ValueError(f"unknown estimator {estimator!r}: choose one of {ESTIMATORS}")
-        adv = torch.where(grouped[owner] & (count > 1), a, 0.0)  # [K]
-    if estimator != "reinforce_pp" and (~grouped).any():
-        free = ~grouped[owner]  # [K]
-        adv = torch.where(free, masked_whiten(G, free), adv)  # [K]
+        return list(reinforce_pp_advantages(G).split(lengths.tolist()))
+    # like with like: transition k is compared with the group's returns *from turn k*
+    # (with credit="final" every G_{i,k} = R_i, and this is the textbook outcome baseline)
+    turn = torch.arange(len(G)) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths)  # [K]: k within its trajectory
+    key = g_ids[owner] if credit == "final" else g_ids[owner] * int(lengths.max()) + turn  # [K]
+    if estimator == "grpo":
+        a = grpo_advantages(G, key, eps=eps)  # [K]
+    elif estimator == "grpo_no_std":
+        a = grpo_advantages_no_std(G, key)  # [K]
+    elif estimator == "rloo":
+        a = rloo_advantages(G, key)  # [K]
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}: choose one of {ESTIMATORS}")
+    adv = torch.where(grouped, a, 0.0)  # [K]
+    free = ~grouped  # [K]
+    if bool(free.any()):  # ungrouped online traffic: the batch baseline (REINFORCE++)
+        adv[free] = reinforce_pp_advantages(G[free])
     return list(adv.split(lengths.tolist()))
 
 

@@ -12,11 +12,22 @@ finish meanwhile were sampled by the old version and the batcher accounts for it
 (``max_staleness``). The engine lets requests in flight finish on the old weights before
 it swaps (never a mix of two versions in one completion).
 
-Stale sequences kept for importance weighting (``stale_policy="is"``) are scored by the
-trainer before the step: their ``old_logprobs`` become the trainer's current log-probs (so
-PPO's ratio and clip are taken against the current policy) and their ``is_weights``
-become ``min(exp(trainer - sampler), tis_cap)`` per token (truncated importance sampling).
-That needs a backend with ``compute_logprobs``.
+Before the step, the sequences that need the trainer's own log-probs are scored once (only
+those, with the backend's ``compute_logprobs``):
+
+- stale sequences kept for importance weighting (``stale_policy="is"``): their
+  ``old_logprobs`` become the trainer's current log-probs (so PPO's ratio and clip are
+  taken against the current policy) and their ``is_weights`` become
+  :func:`~lightning.algorithms.ppo.truncated_is_weights` (``min(exp(trainer - sampler),
+  tis_cap)`` per token);
+- action tokens without usable sampler log-probs (NaN, ``missing_logprobs="recompute"``):
+  their ``old_logprobs`` become the trainer's (ratio 1 at the start of the step; no
+  importance weight, there is no sampler log-prob to correct with).
+
+Per step the backend reports the trainer-vs-sampler gap (``actor/logprob_gap`` mean and
+``actor/logprob_gap_p99``). On a step whose batch was all sampled by the current version
+(on-policy) the gap should be ~0 (numerics only); above ``gap_warn`` the trainer logs
+``trainer.logprob_gap`` loudly, at most once every ``gap_warn_every`` steps.
 
 Checkpoints (``save_every``)
     ``checkpoint_dir/step-NNNNNN/`` holds ``backend/`` (the backend's own ``save``) and
@@ -30,6 +41,7 @@ Checkpoints (``save_every``)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,6 +58,9 @@ import torch
 from anyio.abc import TaskStatus
 
 from lightning._errors import ConfigError
+from lightning.algorithms.ppo import truncated_is_weights
+from lightning.algorithms.tokens import seq_ids
+from lightning.training.batch import TrainBatch, select_sequences
 from lightning.training.batcher import Batch, Batcher, BatcherConfig, ConsumedSet
 
 logger = structlog.get_logger()
@@ -68,6 +83,11 @@ class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Newest checkpoints to keep."""
     tis_cap: float = 2.0
     """Truncation of the importance weight of stale sequences (``stale_policy="is"``)."""
+    gap_warn: float = 0.01
+    """Warn when an on-policy step's mean ``|trainer - sampler|`` log-prob gap exceeds this
+    (nats): trainer and sampler do not score the same distribution."""
+    gap_warn_every: int = 50
+    """At most one gap warning per this many steps (the first one at once)."""
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
@@ -78,6 +98,10 @@ class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not self.tis_cap >= 1.0:
             raise ValueError(f"tis_cap must be >= 1, got {self.tis_cap}")
+        if not self.gap_warn > 0:
+            raise ValueError(f"gap_warn must be > 0, got {self.gap_warn}")
+        if self.gap_warn_every < 1:
+            raise ValueError(f"gap_warn_every must be >= 1, got {self.gap_warn_every}")
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
@@ -129,11 +153,20 @@ class Trainer:
         self.trained_trajectories = 0
         """Trajectories used by the steps taken by this process (not before a resume)."""
         self._limiter = anyio.CapacityLimiter(1)
-        if self.batcher.config.stale_policy == "is" and not hasattr(backend, "compute_logprobs"):
-            raise ConfigError(
-                f"stale_policy='is' needs a backend with compute_logprobs; "
-                f"{type(backend).__name__} has none: use stale_policy='drop'"
-            )
+        bc = self.batcher.config
+        if not hasattr(backend, "compute_logprobs"):
+            if bc.stale_policy == "is":
+                raise ConfigError(
+                    f"stale_policy='is' needs a backend with compute_logprobs; "
+                    f"{type(backend).__name__} has none: use stale_policy='drop'"
+                )
+            if bc.missing_logprobs == "recompute":
+                raise ConfigError(
+                    f"missing_logprobs='recompute' needs a backend with compute_logprobs; "
+                    f"{type(backend).__name__} has none: use missing_logprobs='drop'"
+                )
+        self._gap_warned_at: int | None = None
+        self._warned_unknown_sampling = False
 
     # ------------------------------------------------------------------ loop
 
@@ -175,18 +208,16 @@ class Trainer:
         if traj.index in self.consumed:  # trained before the checkpoint we resumed from
             self.batcher.counters["skipped_consumed"] += 1
             return
-        self.batcher.add(traj)
+        self.batcher.add(traj, version=self.version)
 
     async def _train(self, pb: Batch) -> None:
         t0 = time.perf_counter()
-        batch = pb.batch
-        if bool(pb.stale.any()):
-            batch = await anyio.to_thread.run_sync(
-                self._importance_weights, pb, limiter=self._limiter
-            )
+        on_policy = bool((pb.batch.policy_versions >= self.version).all())
+        batch = await anyio.to_thread.run_sync(self._rescore, pb, limiter=self._limiter)
         metrics = await anyio.to_thread.run_sync(
             self.backend.train_step, batch, limiter=self._limiter
         )
+        self._check_gap(metrics, on_policy)
         self.step += 1
         t1 = time.perf_counter()
         if self.engine is not None:
@@ -218,19 +249,59 @@ class Trainer:
         if self.checkpoint_dir is not None and every and self.step % every == 0:
             await self.save()
 
-    def _importance_weights(self, pb: Batch) -> Any:
-        """Stale sequences: old log-probs := the trainer's, is_weights := truncated ratio."""
+    def _rescore(self, pb: Batch) -> TrainBatch:
+        """The trainer's log-probs for the sequences that need them (see the module
+        docstring), scored once; the batch unchanged when none does."""
         batch = pb.batch
-        lp = self.backend.compute_logprobs(batch)  # [T]
+        act = batch.action_mask  # [T]
+        missing = torch.isnan(batch.old_logprobs) & act  # [T]
         seq_len = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]  # [B]
-        stale_tok = torch.repeat_interleave(pb.stale, seq_len) & batch.action_mask  # [T]
-        ratio = torch.exp(lp - batch.old_logprobs).clamp(max=self.config.tis_cap)  # [T]
-        is_w = torch.where(stale_tok, ratio, 1.0)  # [T]
-        if batch.is_weights is not None:
-            is_w = is_w * batch.is_weights
-        old = torch.where(stale_tok, lp, batch.old_logprobs)  # [T]
-        batch.is_weights, batch.old_logprobs = is_w, old
-        return batch
+        owner = seq_ids(batch.cu_seqlens)  # [T]
+        need = pb.stale.clone()  # [B]
+        need[owner[missing]] = True
+        if not bool(need.any()):
+            return batch
+        sub, pos = select_sequences(batch, need.nonzero().squeeze(-1))
+        lp = torch.zeros(batch.num_tokens, dtype=torch.float32)  # [T]
+        lp[pos] = self.backend.compute_logprobs(sub).float().cpu()  # [T_sel]
+        stale_tok = torch.repeat_interleave(pb.stale, seq_len) & act & ~missing  # [T]
+        old = batch.old_logprobs  # [T]
+        is_w = None
+        if bool(stale_tok.any()) or batch.is_weights is not None:
+            w = truncated_is_weights(lp, torch.nan_to_num(old), cap=self.config.tis_cap)  # [T]
+            is_w = torch.where(stale_tok, w, 1.0)  # [T]
+            if batch.is_weights is not None:
+                is_w = is_w * batch.is_weights
+        old = torch.where(stale_tok | missing, lp, old)  # [T]
+        return dataclasses.replace(batch, old_logprobs=old, is_weights=is_w)
+
+    def _check_gap(self, metrics: dict[str, float], on_policy: bool) -> None:
+        """Loud, rate-limited warnings: an on-policy gap above ``gap_warn``; tokens scored at
+        the configured temperature because their sampling was unknown (once)."""
+        gap = metrics.get("actor/logprob_gap", 0.0)
+        every = self.config.gap_warn_every
+        if on_policy and gap > self.config.gap_warn and (
+            self._gap_warned_at is None or self.step - self._gap_warned_at >= every
+        ):
+            self._gap_warned_at = self.step
+            logger.warning(
+                "trainer.logprob_gap", step=self.step + 1, gap_mean=round(gap, 5),
+                gap_p99=round(metrics.get("actor/logprob_gap_p99", 0.0), 5),
+                threshold=self.config.gap_warn,
+                consequence="on this on-policy step the trainer does not score the "
+                "distribution the sampler drew from: PPO ratios and clipping are biased",
+                fix="record the sampling parameters and log-prob convention with each "
+                "transition (see README 'Sampling parameters'); next warning in "
+                f"{every} steps at the earliest",
+            )
+        unknown = metrics.get("data/unknown_temperature_tokens", 0.0)
+        if unknown and not self._warned_unknown_sampling:
+            self._warned_unknown_sampling = True
+            logger.warning(
+                "trainer.unknown_sampling", step=self.step + 1, tokens=int(unknown),
+                rule="tokens whose sampling temperature is unknown are scored at the "
+                "backend's configured temperature (metric data/unknown_temperature_tokens)",
+            )
 
     # ------------------------------------------------------------------ checkpoints
 

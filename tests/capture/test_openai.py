@@ -23,7 +23,7 @@ from openai import AsyncOpenAI, OpenAI
 from structlog.testing import capture_logs
 
 import lightning
-from lightning._protocol import unpack_ids, unpack_logprobs
+from lightning._protocol import Sampling, unpack_ids, unpack_logprobs
 
 HX = sdk_httpx()
 MSGS = [{"role": "user", "content": "hi"}]
@@ -102,6 +102,8 @@ def test_chat_non_stream_sync(client, server, rec):
     assert m["text"] == "Hello world!" and "tool_calls" not in m and "choice_index" not in m
     assert m["request"] == {"model": "m", "messages": MSGS, "temperature": 0.5}  # as the app asked
     assert m["usage"]["prompt_tokens"] == 2
+    # a server that does not report its sampling: what the request set; the rest unknown
+    assert t.sampling == Sampling(temperature=0.5)
     [body] = server.bodies()
     assert body["return_token_ids"] is True and body["logprobs"] is True
 
@@ -155,6 +157,7 @@ def test_chat_stream_consumed_fully(client, rec):
     m = t.metadata
     assert t.finish_reason == "stop" and m["stream"] is True and m["text"] == "Hello world!"
     assert m["usage"]["completion_tokens"] == 3 and m["ttft_s"] >= 0
+    assert t.sampling is None  # nothing set, nothing reported: unknown
 
 
 async def test_chat_stream_async_with_tools(aclient, rec):

@@ -29,7 +29,7 @@ def search(query: str) -> str:
 def agent(question: str) -> float:
     lightning.record_transition(
         [1, 2, 3], [4, 5], [-0.5, -0.25], policy_version=3, model="tiny", finish_reason="stop",
-        latency_s=0.01,
+        latency_s=0.01, temperature=0.7, top_k=20, logprob_convention="processed",
         metadata={"endpoint": "chat.completions", "base_url": "http://127.0.0.1:8000/v1",
                   "request": {"model": "default", "temperature": 0.7,
                               "messages": [{"role": "user", "content": question}]},
@@ -75,6 +75,9 @@ def test_spans_follow_genai_conventions_and_nest_in_the_app_trace(memory_provide
     assert a["gen_ai.request.model"] == "default"
     assert a["gen_ai.response.model"] == "tiny"
     assert a["gen_ai.request.temperature"] == 0.7
+    # the transition's own sampling (what OTLP ingest reads back)
+    assert a["gen_ai.request.top_k"] == 20 and a["lightning.logprobs.convention"] == "processed"
+    assert "gen_ai.request.top_p" not in a  # unknown stays unknown
     assert a["gen_ai.usage.input_tokens"] == 3 and a["gen_ai.usage.output_tokens"] == 2
     assert a["gen_ai.response.finish_reasons"] == ("stop",)
     assert a["server.address"] == "127.0.0.1" and a["server.port"] == 8000

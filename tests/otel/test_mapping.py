@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from lightning._protocol import RolloutEnd, RolloutStart, Span, Transition
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning._protocol import (
+    RolloutEnd,
+    RolloutStart,
+    Sampling,
+    Span,
+    Transition,
+    check_sampling,
+    decode_event,
+    encode_event,
+    validate_event,
+)
 from lightning.otel._mapping import Assembler, to_events
 from lightning.otel._model import OtelSpan
 
@@ -94,3 +107,38 @@ def test_the_innermost_llm_span_keeps_its_wrappers_text():
     (g,) = Assembler().add([inner, wrapper, span("1", "", 0, 4)])
     (x,) = [e for e in to_events(g).events if isinstance(e, Transition)]
     assert x.trainable and x.metadata["text"] == "the answer"
+
+
+def test_sampling_parameters_come_from_genai_request_attributes():
+    attrs = {**LLM, "lightning.response_logprobs": [-0.5], "gen_ai.request.temperature": 0.7,
+             "gen_ai.request.top_p": 0.9, "gen_ai.request.top_k": 20,
+             "lightning.logprobs.convention": "processed"}
+    (g,) = Assembler().add([span("1", **attrs)])
+    (x,) = [e for e in to_events(g).events if isinstance(e, Transition)]
+    assert x.sampling == Sampling(temperature=0.7, top_p=0.9, top_k=20, logprobs="processed")
+    # absent: unknown; nonsense: unknown (never a guess)
+    for extra, expected in (({}, None),
+                            ({"gen_ai.request.temperature": -3.0, "gen_ai.request.top_p": 0.5},
+                             Sampling(top_p=0.5))):
+        (g,) = Assembler().add([span("2", **{**LLM, **extra})])
+        (x,) = [e for e in to_events(g).events if isinstance(e, Transition)]
+        assert x.sampling == expected
+
+
+_attr = st.one_of(st.none(), st.floats(), st.integers(-2**40, 2**40), st.text(max_size=4),
+                  st.booleans(), st.lists(st.integers(0, 3), max_size=2))
+
+
+@settings(max_examples=100, deadline=None)
+@given(t=_attr, p=_attr, k=_attr, conv=_attr)
+def test_any_sampling_attributes_map_to_a_valid_or_unknown_sampling(t, p, k, conv):
+    attrs = dict(LLM)
+    for key, v in (("gen_ai.request.temperature", t), ("gen_ai.request.top_p", p),
+                   ("gen_ai.request.top_k", k), ("lightning.logprobs.convention", conv)):
+        if v is not None:
+            attrs[key] = v
+    (g,) = Assembler().add([span("1", **attrs)])
+    (x,) = [e for e in to_events(g).events if isinstance(e, Transition)]
+    assert x.sampling is None or check_sampling(x.sampling) is None
+    validate_event(x)  # what ingest stores, recovery can apply
+    decode_event(encode_event(x))

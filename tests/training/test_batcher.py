@@ -87,19 +87,51 @@ def test_estimators_by_hand(estimator, expected):
     assert [a[0] for a in action_advantages(out.batch)] == pytest.approx(expected, abs=1e-5)
 
 
-def test_step_rewards_give_per_transition_advantages():
+def test_step_rewards_give_per_transition_advantages_against_the_same_turn():
     # two turns; reward 1 emitted after turn 0, final 0 -> G = [1, 0] (returns_to_go);
-    # the other trajectory: G = [0, 0]. Group outcomes R = G_0: 1 and 0, mean .5, std .7071
+    # the other trajectory: G = [0, 0]. Turn 0 returns 1 and 0: mean .5, std .7071;
+    # turn 1 returns 0 and 0: equal, so both turn-1 advantages are 0.
     b = Batcher(BatcherConfig(group_size=2, batch_size=2, eps=1e-9))
     b.add(traj(0.0, turns=2, rewards=[(1, 1.0)]))
     b.add(traj(0.0, turns=2))
     out = b.next_batch(0)
     s = math.sqrt(0.5)
     a0, a1 = action_advantages(out.batch)
-    # sequence 0: turn 0 tokens (1 - .5)/s, turn 1 tokens (0 - .5)/s
-    assert a0 == pytest.approx([0.5 / s] * 2 + [-0.5 / s] * 2, rel=1e-5)
-    assert a1 == pytest.approx([-0.5 / s] * 4, rel=1e-5)
+    assert a0 == pytest.approx([0.5 / s] * 2 + [0.0] * 2, rel=1e-5, abs=1e-6)
+    assert a1 == pytest.approx([-0.5 / s] * 2 + [0.0] * 2, rel=1e-5, abs=1e-6)
     assert out.batch.num_sequences == 2  # each trajectory merged into one sequence
+
+
+def test_the_old_first_turn_baseline_was_biased():
+    """Old scheme: every turn's G_{i,k} against the group's first-turn returns. Both
+    trajectories' second turns have the same return (0), yet it gave them -0.5/s, a
+    systematic push down on every later turn whenever step rewards come early."""
+    b = Batcher(BatcherConfig(group_size=2, batch_size=2, eps=1e-9))
+    b.add(traj(0.0, turns=2, rewards=[(1, 1.0)]))
+    b.add(traj(0.0, turns=2))
+    out = b.next_batch(0)
+    G = [[1.0, 0.0], [0.0, 0.0]]
+    first = [g[0] for g in G]
+    mean, std = sum(first) / 2, math.sqrt(0.5)
+    old = [[(g - mean) / std for g in row] for row in G]
+    new = [[a[0], a[2]] for a in action_advantages(out.batch)]
+    assert old[0][1] == old[1][1] == pytest.approx(-0.7071, abs=1e-4)  # the bias
+    assert new[0][1] == new[1][1] == pytest.approx(0.0, abs=1e-6)  # like with like
+    assert sum(new[0][1:] + new[1][1:]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rloo_per_turn_by_hand_with_turns_of_different_reach():
+    # three trajectories, returns-to-go: A (step reward 1 after turn 0, final 1): G = [2, 1];
+    # B (final 1): G = [1, 1]; C (one turn, final 0): G = [0]
+    b = Batcher(BatcherConfig(group_size=3, batch_size=3, estimator="rloo"))
+    b.add(traj(1.0, turns=2, rewards=[(1, 1.0)]))  # G = [2, 1]
+    b.add(traj(1.0, turns=2))  # G = [1, 1]
+    b.add(traj(0.0, turns=1))  # G = [0]
+    out = b.next_batch(0)
+    adv = [[a[0]] + ([a[2]] if len(a) > 2 else []) for a in action_advantages(out.batch)]
+    # turn 0: 2 - (1 + 0)/2 = 1.5, 1 - (2 + 0)/2 = 0, 0 - (2 + 1)/2 = -1.5
+    # turn 1 (A and B only): 1 - 1 = 0 each
+    assert adv == [pytest.approx([1.5, 0.0]), pytest.approx([0.0, 0.0]), pytest.approx([-1.5])]
 
 
 def test_uniform_groups_are_set_aside_and_reported_consumed():

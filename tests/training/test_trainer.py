@@ -28,6 +28,9 @@ class FakeBackend:
         self.trained.append({int(t) - MARK for t in ids if t >= MARK})
         return {"loss/total": 0.5, "actor/logprob_gap": 0.0}
 
+    def compute_logprobs(self, batch):
+        return torch.where(batch.action_mask, -1.0, 0.0)  # [T]
+
     def export_weights(self):
         return {"step": self.step}
 
@@ -186,7 +189,7 @@ def test_stale_sequences_get_truncated_importance_weights(tmp_path):
     trainer = Trainer(make_daemon(tmp_path / "d"), Scorer(), None,
                       batcher=Batcher(BatcherConfig(stale_policy="is")),
                       config=TrainerConfig(tis_cap=2.0))
-    out = trainer._importance_weights(Batch(batch, [], torch.tensor([True, False]), {}))
+    out = trainer._rescore(Batch(batch, [], torch.tensor([True, False]), {}))
     act = out.action_mask
     # stale sequence: ratio exp(-0.5 - -1) = 1.6487, exp(-0.5 - -3) = 12.18 -> capped at 2
     assert out.is_weights[act].tolist() == pytest.approx([1.6487213, 2.0, 1.0, 1.0])
@@ -197,7 +200,13 @@ def test_stale_sequences_get_truncated_importance_weights(tmp_path):
 def test_importance_weights_need_a_scoring_backend(tmp_path):
     from lightning._errors import ConfigError
 
+    class NoScorer(FakeBackend):
+        compute_logprobs = property()  # hasattr() is False
+
     d = make_daemon(tmp_path / "d")
-    with pytest.raises(ConfigError, match="compute_logprobs"):
-        Trainer(d, FakeBackend(), None, batcher=Batcher(BatcherConfig(stale_policy="is")))
+    with pytest.raises(ConfigError, match="stale_policy='is' needs a backend with compute_logprobs"):
+        Trainer(d, NoScorer(), None, batcher=Batcher(BatcherConfig(stale_policy="is")))
+    with pytest.raises(ConfigError, match="missing_logprobs='recompute' needs"):
+        Trainer(d, NoScorer(), None, batcher=Batcher(BatcherConfig()))
+    Trainer(d, NoScorer(), None, batcher=Batcher(BatcherConfig(missing_logprobs="drop")))
     d._wal.close()

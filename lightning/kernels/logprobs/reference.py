@@ -17,6 +17,14 @@ needs one finite logit. Gradients flow to ``logits`` (in its dtype), or to ``hid
 
 and d/dx = d/dz / temperature.
 
+Sampling processing (:func:`processed_logits`): the distribution a sampler draws from is
+``softmax(z)`` restricted to the ``top_k`` most likely tokens, then to the smallest prefix
+(by probability) of those whose renormalised mass reaches ``top_p`` (ties with the last
+kept logit are kept), renormalised. That is the *processed* distribution whose log-probs
+the engines return (vLLM's ``processed_logprobs``); the trainer scores the same one.
+:func:`truncation_threshold` is the single definition, shared with the torch engine's
+sampler.
+
 This reference materialises the full fp32 ``[N, V]`` logits and log-softmax (the "naive"
 ``log_softmax + gather`` baseline, ~2 x N x V x 4 bytes). The fast implementations compute
 the same numbers chunk by chunk over tokens and vocabulary and never hold ``[N, V]`` in
@@ -25,6 +33,7 @@ fp32; the from-logits ones additionally never copy the given logits.
 
 from __future__ import annotations
 
+import math
 import typing
 
 import torch
@@ -115,3 +124,48 @@ def logprobs_from_hidden(
     check_hidden_inputs(hidden, weight, token_ids, temperature)
     logits = hidden.float() @ weight.float().T  # [N, V] fp32
     return logprobs_from_logits(logits, token_ids, temperature=temperature, return_entropy=return_entropy)
+
+
+def truncation_threshold(
+    values: torch.Tensor, lse: torch.Tensor, ks: torch.Tensor, ps: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """Smallest kept logit per row for top-k then top-p (top-p applies to the
+    top-k-renormalised distribution).
+
+    values: [F, K] scaled logits sorted descending (the K most likely tokens); lse: [F, 1]
+    log-sum-exp of each full row; ks, ps: [F] top-k (``vocab`` when off) and top-p. The
+    kept tokens are a prefix of ``values``; returns its last value, [F, 1]. Tokens tied
+    with it are kept too.
+    """
+    remove = torch.arange(values.shape[1], device=values.device)[None, :] >= ks[:, None]  # [F, K]
+    limited = values.masked_fill(remove, -math.inf)
+    norm = torch.where(ks[:, None] < vocab, torch.logsumexp(limited, -1, keepdim=True), lse)
+    probs = (limited - norm).exp()  # [F, K]
+    before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+    remove |= before >= ps[:, None]
+    remove[:, 0] = False
+    kept = (~remove).sum(dim=-1, keepdim=True)  # [F, 1], a prefix
+    return values.gather(1, kept - 1)
+
+
+def processed_logits(
+    z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``z`` [N, V] (fp32, already divided by the temperature) with the tokens outside each
+    row's top-k / top-p set to ``-inf``; differentiable through the kept entries.
+
+    ``top_k`` int [N] (``<= 0`` or ``>= V``: off), ``top_p`` float [N] (``1``: off). ``keep``
+    [N] token ids that stay whatever the mask says: a trainer passes the sampled tokens,
+    so a last-bit logit difference from the sampler at the boundary never scores a sampled
+    token as impossible (it would be ``-inf``).
+    """
+    n, vocab = z.shape
+    ks = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab).to(z.device)  # [N]
+    ps = top_p.to(device=z.device, dtype=torch.float32)  # [N]
+    with torch.no_grad():
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [N, 1]
+        values = z.sort(dim=-1, descending=True).values  # [N, V]
+        drop = z < truncation_threshold(values, lse, ks, ps, vocab)  # [N, V]
+        if keep is not None:
+            drop[torch.arange(n, device=z.device), keep.long()] = False
+    return z.masked_fill(drop, -math.inf)  # [N, V]
