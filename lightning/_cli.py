@@ -364,8 +364,10 @@ async def _serve_policy(tg, daemon, args: argparse.Namespace):
         capture=daemon.capture,
         traces=None if args.no_otlp else TraceReceiver(daemon, api_key=args.api_key),
         otlp=not args.no_otlp,
+        # a restarted daemon is not ready (GET /ready: 503) before its checkpoint is loaded
+        hold_ready=not args.ingest_only,
     )
-    return await tg.start(server.serve), engine, path
+    return await tg.start(server.serve), engine, path, server
 
 
 async def _run(config: DaemonConfig, args: argparse.Namespace) -> None:
@@ -381,7 +383,7 @@ async def _run(config: DaemonConfig, args: argparse.Namespace) -> None:
         if args.print_address:
             print(address, flush=True)
         if args.model != "none":
-            base_url, engine, model_path = await _serve_policy(tg, daemon, args)
+            base_url, engine, model_path, server = await _serve_policy(tg, daemon, args)
             if args.print_address:
                 print(base_url, flush=True)
         elif args.otlp_port is not None and not args.no_otlp:
@@ -405,6 +407,7 @@ async def _run(config: DaemonConfig, args: argparse.Namespace) -> None:
             )
         else:
             await _start_training(tg, daemon, engine, model_path, config, args)
+            server.ready = True  # the checkpoint (if any) is loaded and its weights served
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logger.info("daemon.signal", signal=signal.Signals(signum).name)

@@ -166,6 +166,7 @@ class PolicyServer:
         traces: TraceReceiver | None = None,
         otlp: bool = True,
         max_body_bytes: int = 32 << 20,
+        hold_ready: bool = False,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -186,6 +187,8 @@ class PolicyServer:
         self.traces = traces if otlp else None
         self.max_body_bytes = max_body_bytes
         self.ready = False
+        # the owner sets ``ready`` itself (a daemon: once its checkpoint is loaded)
+        self.hold_ready = hold_ready
         self._token_text: dict[int, str] = {}
         self._tokenizer_limiter = anyio.CapacityLimiter(1)
         self.app = self._build_app()
@@ -257,7 +260,7 @@ class PolicyServer:
             self.base_url = f"http://{self.host}:{self.port}/v1"
             if self.traces is not None:
                 await tg.start(self.traces.run)
-            self.ready = True
+            self.ready = not self.hold_ready
             logger.info("server.listening", base_url=self.base_url, model=self.model_name)
             task_status.started(self.base_url)
             try:

@@ -138,6 +138,19 @@ def test_daemon_trains_checkpoints_and_resumes_after_kill(tmp_path, monkeypatch,
 
     d2 = daemon_process(*args, data_dir=data).start()
     base_url = d2.proc.stdout.readline().decode().strip()
+    # ready only once the checkpoint is loaded: the first 200 from /ready already serves v2
+    root = base_url.removesuffix("/v1")
+    first_ready = []
+
+    def ready() -> bool:
+        r = httpx.get(root + "/ready", timeout=10)
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:
+            first_ready.append(r.json()["policy_version"])
+        return bool(first_ready)
+
+    assert wait_until(ready, timeout=60)
+    assert first_ready[0] == 2
     assert wait_until(lambda: _models(base_url)["policy_version"] == 2, timeout=60)
     log = d2.log.read_text()
     assert '"trainer.resumed"' in log and '"step":2' in log
