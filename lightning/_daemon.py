@@ -724,6 +724,26 @@ class LocalCapture:
     def is_open(self, rollout_id: str) -> bool:
         return rollout_id in self._daemon.state.open
 
+    def find(self, rollout_id: str) -> tuple[Trajectory, bool] | None:
+        """A rollout the daemon holds in memory, as ``(trajectory, used by training)``: an
+        open one (status ``"open"``, index -1, what it recorded so far) or a finished one
+        training has not yet committed. None otherwise (unknown, or used and released:
+        ``lightning-daemon inspect DATA_DIR`` reads those from disk)."""
+        d = self._daemon
+        o = d.state.open.get(rollout_id)
+        if o is not None:
+            s = o.start
+            return Trajectory(
+                index=-1, rollout_id=rollout_id, name=s.name, client_id=o.client_id,
+                group_key=s.group_key, attempt=s.attempt, parent_id=s.parent_id,
+                metadata=s.metadata, status="open", final_reward=None, error=None,
+                started_at=s.started_at, ended_at=0.0, transitions=list(o.transitions),
+                rewards=list(o.rewards), spans=list(o.spans)), False
+        for t in d._uncommitted.values():
+            if t.rollout_id == rollout_id:
+                return t, t.index <= d.buffer.committed_through
+        return None
+
     def _ingest(self, event: Event) -> None:
         rejection = self._daemon.ingest_local(event)
         if rejection is not None:

@@ -30,7 +30,7 @@ from ._log import AppendLog
 from ._protocol import Batch, unpack_ids, unpack_logprobs
 from ._sequences import merge_transitions
 
-__all__ = ["inspect_main", "load_rollouts"]
+__all__ = ["describe", "inspect_main", "load_rollouts"]
 
 
 class Stored(msgspec.Struct, kw_only=True):
@@ -124,12 +124,17 @@ def _transition_row(t: Any, decode: Any) -> dict[str, Any]:
     return row
 
 
-def describe(traj: Trajectory, stored: Stored, decode: Any = None) -> dict[str, Any]:
-    """One rollout as a JSON-able dict (what ``inspect`` prints)."""
+def is_used(traj: Trajectory, stored: Stored) -> bool:
+    """Whether training used ``traj`` (the cursor, or the newest checkpoint's used set)."""
+    return (traj.index <= max(stored.committed_through, stored.used_through)
+            or traj.index in stored.used_above)
+
+
+def describe(traj: Trajectory, used: bool, decode: Any = None) -> dict[str, Any]:
+    """One rollout as a JSON-able dict (what ``inspect`` prints, and the policy server's
+    ``GET /v1/rollouts/{id}`` returns)."""
     counters: Counter[str] = Counter()
     seqs = merge_transitions(traj.transitions, counters, rollout_id=traj.rollout_id)
-    used = (traj.index <= max(stored.committed_through, stored.used_through)
-            or traj.index in stored.used_above)
     return {
         "rollout_id": traj.rollout_id,
         "index": traj.index,
@@ -224,7 +229,7 @@ def inspect_main(argv: Sequence[str]) -> int:
     elif not args.all:
         trajs = trajs[-max(args.last, 0):] if args.last else []
     decode = _decoder(args.tokenizer) if args.text else None
-    rows = [describe(t, stored, decode) for t in trajs]
+    rows = [describe(t, is_used(t, stored), decode) for t in trajs]
     if args.json:
         for r in rows:
             print(json.dumps(r))

@@ -209,6 +209,7 @@ class PolicyServer:
             Route("/v1/rollouts", self._rollout_start, methods=["POST"]),
             Route("/v1/rollouts/{rollout_id}/rewards", self._rollout_reward, methods=["POST"]),
             Route("/v1/rollouts/{rollout_id}/end", self._rollout_end, methods=["POST"]),
+            Route("/v1/rollouts/{rollout_id}", self._rollout_get, methods=["GET"]),
         ]
         for path, fn, methods in api:
             routes.append(Route("/v1" + path, fn, methods=methods))
@@ -953,6 +954,29 @@ class PolicyServer:
             return {"rollout_id": rid, "n_transitions": n}
 
         return await self._rollout_route(request, RolloutEndRequest, end)
+
+    async def _rollout_get(self, request: Request) -> Response:
+        """What the daemon holds of one rollout (``lightning-daemon inspect``'s record):
+        its transitions' token counts, log-probs, versions, rewards, merge and split
+        reasons; open ones as recorded so far."""
+        denied = self._screen(request, json_body=False)
+        if denied is not None:
+            return denied
+        rid = request.path_params["rollout_id"]
+        find = getattr(self.capture, "find", None)
+        if find is None:
+            return _error(404, "this server has no daemon to look rollouts up in",
+                          code="rollout_not_found")
+        found = find(rid)
+        if found is None:
+            return _error(404, f"rollout {rid!r} is not held in memory (unknown, or used by "
+                          "training and released): `lightning-daemon inspect DATA_DIR "
+                          "--rollout ID` reads every stored rollout from disk",
+                          code="rollout_not_found")
+        from .._inspect import describe
+
+        traj, used = found
+        return JSONResponse(describe(traj, used))
 
     def _require_open(self, rid: str) -> None:
         if self.capture is None:

@@ -150,6 +150,7 @@ ROUTES = {  # name -> (method, path template, body kind)
     "models": ("GET", "/v1/models", None),
     "health": ("GET", "/health", None),
     "ready": ("GET", "/ready", None),
+    "rollout": ("GET", "/v1/rollouts/{rid}", None),
 }
 
 

@@ -271,3 +271,37 @@ async def test_unknown_model_names_the_flags_and_accept_any_model_says_each_name
         assert said == ["gpt-4o", "claude"]
     finally:
         server.accept_any_model = False
+
+
+async def test_get_one_rollout_open_then_finished(stack):
+    """GET /v1/rollouts/{id}: what the daemon holds of a rollout, open or finished and not
+    yet used, in ``lightning-daemon inspect``'s shape; the key is required when set."""
+    server, daemon, client = stack
+    rid = (await client.post("/v1/rollouts", json={"name": "probe", "group_key": "g"})).json()[
+        "rollout_id"]
+    first = (await client.post(f"/rollouts/{rid}/v1/chat/completions", json={
+        "model": "tiny", "messages": MSGS, "max_tokens": 4, "temperature": 0.7})).json()
+    r = await client.get(f"/v1/rollouts/{rid}")
+    assert r.status_code == 200, r.text
+    o = r.json()
+    assert o["status"] == "open" and o["name"] == "probe" and o["group_key"] == "g"
+    (t,) = o["transitions"]
+    assert t["prompt_tokens"] == len(first["prompt_token_ids"])
+    assert t["response_tokens"] == len(first["choices"][0]["token_ids"])
+    assert t["logprobs"] == "yes" and t["trainable"] and t["policy_version"] == 0
+    await client.post(f"/v1/rollouts/{rid}/rewards", json={"value": 0.5})
+    await client.post(f"/v1/rollouts/{rid}/end", json={"final_reward": 1.0})
+    f = (await client.get(f"/v1/rollouts/{rid}")).json()
+    assert f["status"] == "completed" and f["final_reward"] == 1.0
+    assert f["rewards"] == [{"value": 0.5, "name": "reward", "after": 1}]
+    assert f["sequences"] == 1 and f["used_by_training"] is False
+    missing = await client.get("/v1/rollouts/nope")
+    assert missing.status_code == 404 and "lightning-daemon inspect" in missing.json()["error"]["message"]
+    server.api_key = "k"
+    try:
+        assert (await client.get(f"/v1/rollouts/{rid}")).status_code == 401
+        ok = await client.get(f"/v1/rollouts/{rid}", headers={"Authorization": "Bearer k"})
+        assert ok.status_code == 200
+    finally:
+        server.api_key = None
+    daemon.buffer.get_nowait()
