@@ -121,12 +121,14 @@ class TrajectoryBuffer:
 
 def recover(
     data_dir: str | os.PathLike, *, max_finished_remembered: int = 1_000_000,
-    quarantine: Callable[[bytes, str], None] | None = None,
+    quarantine: Callable[[bytes, str], None] | None = None, include_committed: bool = False,
 ) -> tuple[IngestState, list[Trajectory], int]:
     """Rebuild the ingest state from a data directory without starting a daemon.
 
-    Returns ``(state, trajectories not yet committed, committed_through)``. Used at
-    start-up and by tools and tests that inspect what a daemon stored.
+    Returns ``(state, trajectories not yet committed, committed_through)``; with
+    ``include_committed``, every finished trajectory the snapshot and the log still hold.
+    Used at start-up and by tools (``lightning-daemon inspect``) and tests that inspect
+    what a daemon stored.
 
     Recovery never refuses to start. A log record it cannot decode or apply is skipped,
     counted (``wal_records_quarantined``), logged, and handed to ``quarantine(record,
@@ -143,7 +145,7 @@ def recover(
         wal_from = ""
     else:
         state = IngestState.from_snapshot(snap, max_finished_remembered=max_finished_remembered)
-        pending = [t for t in snap.pending if t.index > committed]
+        pending = [t for t in snap.pending if include_committed or t.index > committed]
         wal_from = snap.wal_from
     if not wal_dir.exists():
         return state, pending, committed
@@ -161,7 +163,7 @@ def recover(
                 if quarantine is not None:
                     quarantine(bytes(frame), reason)
                 continue
-            pending.extend(t for t in completed if t.index > committed)
+            pending.extend(t for t in completed if include_committed or t.index > committed)
     finally:
         log.close()
     return state, pending, committed

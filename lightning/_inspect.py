@@ -19,15 +19,14 @@ import argparse
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from ._ingest import IngestState, Trajectory
-from ._log import AppendLog
-from ._protocol import Batch, unpack_ids, unpack_logprobs
+from ._ingest import Trajectory
+from ._protocol import unpack_ids, unpack_logprobs
 from ._sequences import merge_transitions
 
 __all__ = ["describe", "inspect_main", "load_rollouts"]
@@ -51,45 +50,22 @@ class Stored(msgspec.Struct, kw_only=True):
     unreadable_records: int
 
 
-def _iter_frames(log: AppendLog, wal_from: str) -> Iterator[bytes]:
-    return log.iter_from(wal_from) if wal_from else iter(log)
-
-
 def load_rollouts(data_dir: str | Path) -> Stored:
-    """Replay ``data_dir`` read-only into :class:`Stored` (raises FileNotFoundError)."""
-    from ._daemon import _read_cursor, _read_snapshot
+    """Replay ``data_dir`` read-only into :class:`Stored` (raises FileNotFoundError).
+
+    The replay is recovery's own (:func:`lightning._daemon.recover`): a record recovery
+    would quarantine is counted here as unreadable, and nothing is moved or written.
+    """
+    from ._daemon import recover
 
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory (pass the daemon's --data-dir)")
-    committed = _read_cursor(root)
-    snap = _read_snapshot(root)
-    trajectories: list[Trajectory] = []
-    if snap is None:
-        state, wal_from, before = IngestState(), "", 0
-    else:
-        state = IngestState.from_snapshot(snap)
-        wal_from = snap.wal_from
-        trajectories.extend(snap.pending)
-        before = state.completed - len(snap.pending)
-    unreadable = 0
-    wal_dir = root / "wal"
-    if wal_dir.exists():
-        decoder = msgspec.msgpack.Decoder(Batch)
-        log = AppendLog(wal_dir)
-        try:
-            for frame in _iter_frames(log, wal_from):
-                try:
-                    result = state.apply(decoder.decode(frame))
-                except Exception:  # noqa: BLE001 - a record recovery would quarantine: count it
-                    unreadable += 1
-                    continue
-                trajectories.extend(result.completed)
-        finally:
-            log.close()
+    state, trajectories, committed = recover(root, include_committed=True)
     return Stored(trajectories=trajectories, open_rollouts=sorted(state.open),
                   committed_through=committed, **_used_by_checkpoint(root),
-                  compacted_away=before, unreadable_records=unreadable)
+                  compacted_away=state.completed - len(trajectories),
+                  unreadable_records=state.counters["wal_records_quarantined"])
 
 
 def _used_by_checkpoint(root: Path) -> dict[str, Any]:
