@@ -84,16 +84,21 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
     import anyio
+
+    from lightning._logging import configure_logging
 
     p = argparse.ArgumentParser(description="held-out accuracy of the untrained policy")
     p.add_argument("--model", default="default", help="checkpoint dir ('default': SmolLM2-135M)")
     p.add_argument("--tasks", type=int, default=40, help="held-out tasks (the first N)")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    configure_logging("warning", stream=sys.stderr)  # not every sampled token id
     print(json.dumps(anyio.run(_measure, args, backend="asyncio"), indent=1))
     return 0
 

@@ -388,3 +388,92 @@ async def test_the_graph_rewrites_after_an_error_and_stops_after_max_calls(db):
     assert final["llm_calls"] == 3 and final["rows"] == 0  # stopped: empty, out of calls
     notes = [m["content"] for m in final["messages"][6:] if m["role"] == "user"]
     assert "no SQL query" in notes[0] and "no such table: nowhere" in notes[1]
+
+
+# ------------------------------------------------------------------ the agent on a live stack
+
+
+def _policy_stack(tmp_path, make_engine):
+    """Daemon (in-memory transport) + the real PolicyServer over ``make_engine()`` + a
+    runtime session pointed at both; yields the daemon."""
+    import contextlib
+
+    import anyio
+
+    import lightning
+    from lightning import DaemonConfig
+    from lightning.serving import PolicyServer
+    from lightning.testing import Daemon, MemoryHub
+
+    @contextlib.asynccontextmanager
+    async def stack():
+        hub = MemoryHub()
+        daemon = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0),
+                        transport=hub)
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.serve)
+            engine = make_engine()
+            await tg.start(engine.serve)
+            server = PolicyServer(engine, model_name="policy", port=0, capture=daemon.capture,
+                                  accept_any_model=True)
+            base_url = await tg.start(server.serve)
+            async with lightning.session(transport=hub.connect(), policy_url=base_url,
+                                         policy_model="policy", spill_dir=str(tmp_path / "spill")):
+                yield daemon
+            tg.cancel_scope.cancel()
+
+    return stack()
+
+
+async def _trajectories(daemon, n: int) -> list:
+    import anyio
+
+    out = []
+    with anyio.fail_after(60):
+        while len(out) < n:
+            out.append(await daemon.buffer.get())
+    return out
+
+
+def _tiny_policy():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning.models import tiny_model_path
+
+    path = str(tiny_model_path(seed=0))
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 local_files_only=True).eval()
+    return model, tok
+
+
+async def test_the_agent_on_the_tiny_model_ends_with_a_reward(tmp_path):
+    """Whatever garbage a random model writes, each rollout completes with reward 0 or 1,
+    one captured transition per LLM call, at most MAX_LLM_CALLS of them."""
+    import anyio
+
+    from lightning.engine.torch_engine import TorchEngine
+    from spider.agent import agent
+
+    model, tok = _tiny_policy()
+    _, test = data.bundled()
+    tasks = [{**t, "max_tokens": 12} for t in test[:2]]
+    async with _policy_stack(tmp_path, lambda: TorchEngine(model, tok, max_model_len=1024,
+                                                           max_num_seqs=4, seed=0)) as daemon:
+        rewards = [0.0, 0.0]
+
+        async def one(i):
+            rewards[i] = await agent(tasks[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(one, i)
+        trajs = await _trajectories(daemon, 2)
+    assert all(r in (0.0, 1.0) for r in rewards)
+    for t in trajs:
+        assert t.status == "completed" and t.final_reward in (0.0, 1.0), t.error
+        assert 1 <= len(t.transitions) <= 3
+        assert all(x.trainable and x.logprobs for x in t.transitions)
+        [final] = [s for s in t.spans if s.name == "final_answer"]
+        assert final.attributes["llm_calls"] == len(t.transitions)
