@@ -14,6 +14,7 @@ import argparse
 import collections
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     hub = MemoryHub()
     daemon = Daemon(DaemonConfig(data_dir=f"{tmp}/data", stats_interval_s=0,
                                  buffer_size=100_000), transport=hub)
-    results: list[float] = [0.0] * len(tasks)
+    results: list[float | None] = [None] * len(tasks)
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
         await tg.start(daemon.serve)
@@ -64,28 +65,35 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 async def one(i: int) -> None:
                     async with slots:
                         results[i] = await agent(tasks[i])
+                    done = [r for r in results if r is not None]
+                    print(f"[{time.perf_counter() - t0:6.1f}s] {len(done)}/{len(tasks)} done, "
+                          f"{sum(done):.0f} correct", file=sys.stderr, flush=True)
 
-                async with anyio.create_task_group() as inner:
-                    for i in range(len(tasks)):
-                        inner.start_soon(one, i)
+                # --time-limit: stop there and report the tasks that finished (a loaded
+                # box should not turn a measurement into an hour)
+                with anyio.move_on_after(args.time_limit or math.inf):
+                    async with anyio.create_task_group() as inner:
+                        for i in range(len(tasks)):
+                            inner.start_soon(one, i)
             wall = time.perf_counter() - t0
             calls = [len(t.transitions) for t in daemon.buffer._items]
         tg.cancel_scope.cancel()
-    n = len(results)
-    mean = sum(results) / n
+    finished = [(t, r) for t, r in zip(tasks, results) if r is not None]
+    n = len(finished)
+    if n == 0:
+        raise SystemExit("no task finished within --time-limit")
+    mean = sum(r for _, r in finished) / n
     se = math.sqrt(mean * (1 - mean) / (n - 1)) if n > 1 else 0.0
     per: dict[str, list[float]] = collections.defaultdict(list)
-    for t, r in zip(tasks, results):
+    for t, r in finished:
         per[t.get("template", "?")].append(r)
-    return {"model": path.name, "tasks": n, "temperature": args.temperature,
+    return {"model": path.name, "tasks": n, "tasks_asked": len(tasks), "temperature": args.temperature,
             "accuracy": round(mean, 4), "stderr": round(se, 4), "wall_s": round(wall, 1),
             "mean_llm_calls": round(sum(calls) / len(calls), 2) if calls else None,
             "per_template": {k: f"{sum(v):.0f}/{len(v)}" for k, v in sorted(per.items())}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     import anyio
 
     from lightning._logging import configure_logging
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="seconds; stop then and report the finished tasks (0: no limit)")
     args = p.parse_args(argv)
     configure_logging("warning", stream=sys.stderr)  # not every sampled token id
     print(json.dumps(anyio.run(_measure, args, backend="asyncio"), indent=1))

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATA_DIR", "SPIDER_SPLITS", "bundled", "bundled_db_path", "cache_dir", "load_spider"]
+__all__ = ["DATA_DIR", "SPIDER_SPLITS", "bundled", "bundled_db_path", "cache_dir", "load_spider", "main"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SPIDER_SPLITS = {"train": "train_spider.json", "train_others": "train_others.json",
@@ -123,3 +123,31 @@ def bundled(*, data_dir: Path = DATA_DIR) -> tuple[list[dict[str, Any]], list[di
                 "query": q["query"], "db_path": paths[q["db_id"]], "template": q["template"]}
 
     return [task(q) for q in data["train"]], [task(q) for q in data["test"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m spider.data --root SPIDER --split dev --out dev.jsonl``: Spider as JSONL
+    tasks for ``lightning train --dataset`` / ``--eval-dataset``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="write Spider tasks as JSONL (no download)")
+    p.add_argument("--root", required=True, help="the unpacked spider/ folder")
+    p.add_argument("--split", default="dev", choices=sorted(SPIDER_SPLITS))
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    args = p.parse_args(argv)
+    try:
+        tasks = load_spider(args.root, args.split, limit=args.limit)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with open(args.out, "w", encoding="utf-8") as f:
+        for t in tasks:
+            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+    print(f"wrote {len(tasks)} tasks to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -287,6 +287,17 @@ def test_load_spider_names_the_missing_database(tmp_path):
         data.load_spider(root, "dev")
 
 
+def test_the_loader_cli_writes_jsonl_for_lightning_train(tmp_path, capsys):
+    items = [{"db_id": "concert_singer", "question": "How many?", "query": "SELECT count(*) FROM singer"}]
+    _fake_spider(tmp_path / "spider", items)
+    out = tmp_path / "dev.jsonl"
+    assert data.main(["--root", str(tmp_path / "spider"), "--out", str(out)]) == 0
+    [line] = out.read_text().splitlines()
+    assert json.loads(line)["question"] == "How many?"
+    assert data.main(["--root", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "dev.json is missing" in capsys.readouterr().err
+
+
 def test_load_spider_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="unknown Spider split 'test'"):
         data.load_spider(tmp_path, "test")
