@@ -44,7 +44,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                                  local_files_only=True).eval()
     _, test = dataset()
-    tasks = [{**t, "temperature": args.temperature} for t in test[: args.tasks]]
+    tasks = [{**t, "temperature": args.temperature} for t in test[args.skip: args.skip + args.tasks]]
     tmp = tempfile.mkdtemp(prefix="spider-base-rate-")
     hub = MemoryHub()
     daemon = Daemon(DaemonConfig(data_dir=f"{tmp}/data", stats_interval_s=0,
@@ -90,7 +90,8 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": path.name, "tasks": n, "tasks_asked": len(tasks), "temperature": args.temperature,
             "accuracy": round(mean, 4), "stderr": round(se, 4), "wall_s": round(wall, 1),
             "mean_llm_calls": round(sum(calls) / len(calls), 2) if calls else None,
-            "per_template": {k: f"{sum(v):.0f}/{len(v)}" for k, v in sorted(per.items())}}
+            "per_template": {k: f"{sum(v):.0f}/{len(v)}" for k, v in sorted(per.items())},
+            "per_task": {t["id"]: r for t, r in finished}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description="held-out accuracy of the untrained policy")
     p.add_argument("--model", default="default", help="checkpoint dir ('default': SmolLM2-135M)")
-    p.add_argument("--tasks", type=int, default=40, help="held-out tasks (the first N)")
+    p.add_argument("--tasks", type=int, default=40, help="held-out tasks (N after --skip)")
+    p.add_argument("--skip", type=int, default=0, help="start at this held-out task")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
