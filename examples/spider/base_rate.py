@@ -44,7 +44,8 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                                  local_files_only=True).eval()
     _, test = dataset()
-    tasks = [{**t, "temperature": args.temperature} for t in test[args.skip: args.skip + args.tasks]]
+    extra = {"max_llm_calls": args.max_llm_calls} if args.max_llm_calls else {}
+    tasks = [{**t, "temperature": args.temperature, **extra} for t in test[args.skip: args.skip + args.tasks]]
     tmp = tempfile.mkdtemp(prefix="spider-base-rate-")
     hub = MemoryHub()
     daemon = Daemon(DaemonConfig(data_dir=f"{tmp}/data", stats_interval_s=0,
@@ -87,7 +88,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     per: dict[str, list[float]] = collections.defaultdict(list)
     for t, r in finished:
         per[t.get("template", "?")].append(r)
-    return {"model": path.name, "tasks": n, "tasks_asked": len(tasks), "temperature": args.temperature,
+    return {"model": path.name, "max_llm_calls": args.max_llm_calls or "agent default", "tasks": n, "tasks_asked": len(tasks), "temperature": args.temperature,
             "accuracy": round(mean, 4), "stderr": round(se, 4), "wall_s": round(wall, 1),
             "mean_llm_calls": round(sum(calls) / len(calls), 2) if calls else None,
             "per_template": {k: f"{sum(v):.0f}/{len(v)}" for k, v in sorted(per.items())},
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-llm-calls", type=int, default=0,
+                   help="override the agent's MAX_LLM_CALLS (1: first-call accuracy; 0: keep)")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; stop then and report the finished tasks (0: no limit)")
     args = p.parse_args(argv)

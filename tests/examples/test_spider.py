@@ -488,3 +488,83 @@ async def test_the_agent_on_the_tiny_model_ends_with_a_reward(tmp_path):
         assert all(x.trainable and x.logprobs for x in t.transitions)
         [final] = [s for s in t.spans if s.name == "final_answer"]
         assert final.attributes["llm_calls"] == len(t.transitions)
+
+
+async def test_a_failed_query_is_rewritten_through_the_real_stack(tmp_path):
+    """ScriptedEngine behind the real PolicyServer and daemon: the script writes a query
+    that errors, then the gold query once it is shown the error. Reward 1, both LLM calls
+    captured as transitions of one rollout, the failing and the good SQL run as tool spans,
+    and AIR's sql_ok rule scores them -1 then +1."""
+    from lightning._protocol import unpack_ids
+    from lightning.algorithms.air import AIR, sql_ok
+    from lightning.engine.scripted import ScriptedEngine
+    from spider import scripted_policy
+    from spider.agent import agent
+
+    _, tok = _tiny_policy()
+    seen = []
+
+    def script(req):
+        seen.append((req.turn, req.last_user))
+        return scripted_policy.script(req)
+
+    _, test = data.bundled()
+    task = next(t for t in test if t["template"] == "join_text")
+    async with _policy_stack(tmp_path, lambda: ScriptedEngine(tok, script)) as daemon:
+        reward = await agent(task)
+        [traj] = await _trajectories(daemon, 1)
+    assert reward == 1.0 and traj.final_reward == 1.0 and traj.status == "completed"
+
+    # the script saw the question, then the database's error
+    assert [turn for turn, _ in seen] == [2, 3]  # after the two few-shot answers
+    assert seen[0][1].startswith("Schema:\nCREATE TABLE") and task["question"] in seen[0][1]
+    assert seen[1][1].startswith("The query failed: no such column: no_such_column")
+
+    first, second = traj.transitions
+    assert all(t.trainable and t.policy_version == 0 and t.logprobs for t in (first, second))
+    assert scripted_policy.WRONG_QUERY in first.metadata["text"]
+    assert second.metadata["text"] == task["query"]
+    # the rewrite's prompt extends the first call token for token: one merged sequence
+    p1, r1, p2 = (list(unpack_ids(x)) for x in (first.prompt_ids, first.response_ids,
+                                                second.prompt_ids))
+    assert p2[: len(p1) + len(r1)] == p1 + r1
+
+    runs = [s for s in traj.spans if s.kind == "tool"]
+    assert [(s.name, s.status, s.after) for s in runs] == [("run_sql", "error", 1),
+                                                           ("run_sql", "ok", 2)]
+    assert "no such column" in runs[0].error
+    assert runs[1].attributes["input"]["sql"] == task["query"]
+    assert [(r.after, r.value) for r in sql_ok(traj)] == [(1, -1.0), (2, 1.0)]
+    weighted = [r for r in AIR().step_rewards(traj) if r.rule == "sql_ok"]  # as --air uses it
+    assert [(r.after, r.value > 0) for r in weighted] == [(1, False), (2, True)]
+    [final] = [s for s in traj.spans if s.name == "final_answer"]
+    assert final.attributes == {"answer": task["query"], "llm_calls": 2, "reward": 1.0}
+
+
+@pytest.mark.timeout(600)  # a subprocess that imports torch, transformers and langgraph
+def test_lightning_train_runs_the_example_from_its_file_path(tmp_path):
+    """The README's command shape, on the scripted engine: `--agent
+    examples/spider/agent.py:agent` loads the package, dataset() gives the bundled set, and
+    evaluation and a training step run (the alternating script: each group of two scores 1
+    and 0, so GRPO has a signal)."""
+    import subprocess
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning", "train", "--agent",
+         str(ROOT / "examples" / "spider" / "agent.py") + ":agent", "--model", "tiny",
+         "--engine", "scripted", "--script", "spider.scripted_policy:alternating", "--steps", "1",
+         "--group-size", "2", "--batch-size", "2", "--concurrency", "4", "--eval-tasks", "2",
+         "--air", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=540, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1
+    # first sight of each held-out question: the gold query; second: the wrong one
+    assert summary["eval"]["before"] == 1.0 and summary["eval"]["after"] == 0.0
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    [step] = [m for m in train if m["kind"] == "train"]
+    assert step["rollouts/reward_mean"] == 0.5
