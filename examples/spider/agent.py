@@ -67,12 +67,13 @@ SYSTEM_PROMPT = ("You write SQLite queries. Given a database schema and a questi
 
 _EXAMPLE_SCHEMA = "CREATE TABLE pets (id INTEGER PRIMARY KEY, name TEXT, species TEXT, age INTEGER)"
 
-#: Two solved examples (schema, question, query) on a database that is not in the data.
+#: Two solved examples (schema, question, query) on a database that is not in the data: one
+#: without a WHERE clause (with two filtered examples, a 135M model adds a made-up WHERE
+#: to every query), one with a text filter, phrased as the generated questions are.
 FEW_SHOT: tuple[tuple[str, str, str], ...] = (
-    (_EXAMPLE_SCHEMA, "How many pets have the species cat?",
-     "SELECT COUNT(*) FROM pets WHERE species = 'cat'"),
-    (_EXAMPLE_SCHEMA, "List the names of the pets with age greater than 3.",
-     "SELECT name FROM pets WHERE age > 3"),
+    (_EXAMPLE_SCHEMA, "How many pets are there?", "SELECT COUNT(*) FROM pets"),
+    (_EXAMPLE_SCHEMA, "List the names of the pets whose species is cat.",
+     "SELECT name FROM pets WHERE species = 'cat'"),
 )
 
 
@@ -205,7 +206,7 @@ async def agent(task: dict[str, Any]) -> float:
         await http.aclose()
     reward = execution_match(db_path, final["result"], task["query"])  # None: 0.0
     lightning.emit_span("final_answer", attributes={
-        "answer": final["sql"] or "", "llm_calls": final["llm_calls"], "reward": reward})
+        "task_id": str(task.get("id", "")), "answer": final["sql"] or "", "llm_calls": final["llm_calls"], "reward": reward})
     return reward
 
 

@@ -78,6 +78,8 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                             inner.start_soon(one, i)
             wall = time.perf_counter() - t0
             calls = [len(t.transitions) for t in daemon.buffer._items]
+            answers = {s.attributes.get("task_id"): s.attributes.get("answer")
+                       for t in daemon.buffer._items for s in t.spans if s.name == "final_answer"}
         tg.cancel_scope.cancel()
     finished = [(t, r) for t, r in zip(tasks, results) if r is not None]
     n = len(finished)
@@ -92,7 +94,8 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy": round(mean, 4), "stderr": round(se, 4), "wall_s": round(wall, 1),
             "mean_llm_calls": round(sum(calls) / len(calls), 2) if calls else None,
             "per_template": {k: f"{sum(v):.0f}/{len(v)}" for k, v in sorted(per.items())},
-            "per_task": {t["id"]: r for t, r in finished}}
+            "answers": [{"question": t["question"], "gold": t["query"],
+                         "predicted": answers.get(t["id"]), "reward": r} for t, r in finished]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -538,7 +538,8 @@ async def test_a_failed_query_is_rewritten_through_the_real_stack(tmp_path):
     weighted = [r for r in AIR().step_rewards(traj) if r.rule == "sql_ok"]  # as --air uses it
     assert [(r.after, r.value > 0) for r in weighted] == [(1, False), (2, True)]
     [final] = [s for s in traj.spans if s.name == "final_answer"]
-    assert final.attributes == {"answer": task["query"], "llm_calls": 2, "reward": 1.0}
+    assert final.attributes == {"task_id": task["id"], "answer": task["query"], "llm_calls": 2,
+                                "reward": 1.0}
 
 
 @pytest.mark.timeout(600)  # a subprocess that imports torch, transformers and langgraph
