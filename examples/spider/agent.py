@@ -1,7 +1,7 @@
 """Text-to-SQL on Spider-style databases: a LangGraph agent trained with lightning.
 
-    lightning train --agent examples/spider/agent.py:agent --steps 8 --group-size 4 \\
-        --batch-size 16 --eval-tasks 40 --out runs/spider
+    lightning train --agent examples/spider/agent.py:agent --steps 10 --group-size 8 \\
+        --batch-size 32 --concurrency 16 --air --eval-tasks 40 --out runs/spider
 
 The graph (LangGraph, LangChain ``ChatOpenAI`` pointed at :func:`lightning.llm`)::
 

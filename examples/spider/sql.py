@@ -166,7 +166,9 @@ def run_sql(sql: str, db_path: str) -> Execution:
 # ------------------------------------------------------------------ extraction
 
 _FENCE = re.compile(r"```[ \t]*(?:sqlite|sql)?[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
-_START = re.compile(r"\b(SELECT|WITH)\b", re.IGNORECASE)
+# SELECT, or WITH that opens a common table expression ("with a join" in prose is not SQL)
+_START = re.compile(r"\bSELECT\b|\bWITH\s+(?:RECURSIVE\s+)?\w+\s*(?:\([^()]*\)\s*)?AS\s*\(",
+                    re.IGNORECASE)
 
 
 def extract_sql(text: str) -> str | None:

@@ -66,6 +66,8 @@ def db(tmp_path) -> Path:
     ("SELECT name FROM people\n\nExplanation: the names.", "SELECT name FROM people"),
     ("SELECT name FROM people WHERE name = 'a;b'; SELECT 2", "SELECT name FROM people WHERE name = 'a;b'"),
     ("WITH t AS (SELECT 1 AS x) SELECT x FROM t", "WITH t AS (SELECT 1 AS x) SELECT x FROM t"),
+    ("Do it with a CTE: WITH RECURSIVE r(n) AS (SELECT 1) SELECT n FROM r",
+     "WITH RECURSIVE r(n) AS (SELECT 1) SELECT n FROM r"),
     ("The answer is `SELECT age FROM people`.", "SELECT age FROM people."),
     ("```python\nprint(1)\n```\nSELECT id FROM pets", "SELECT id FROM pets"),
     ("SELECT * FROM\nnonsense words here", "SELECT * FROM"),  # nothing parses: first line
@@ -79,7 +81,8 @@ def test_extract_sql(text, sql):
         assert got == sql
 
 
-@pytest.mark.parametrize("text", ["", "I do not know.", "```\nno query\n```", "selection"])
+@pytest.mark.parametrize("text", ["", "I do not know.", "```\nno query\n```", "selection",
+                                  "Answer with a complex query."])
 def test_extract_sql_finds_none(text):
     assert extract_sql(text) is None
 
