@@ -34,7 +34,9 @@ from __future__ import annotations
 import functools
 import random
 import sqlite3
+from pathlib import Path
 from typing import Any, Literal, TypedDict
+from urllib.parse import quote
 
 import anyio
 
@@ -83,8 +85,9 @@ def _user(schema: str, question: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def schema_text(db_path: str) -> str:
-    """The database's ``CREATE TABLE`` statements, one per line group, in creation order."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    """The database's ``CREATE TABLE`` statements, one per line (whitespace collapsed), in
+    the order they were created."""
+    conn = sqlite3.connect(f"file:{quote(str(Path(db_path).resolve()))}?mode=ro", uri=True)
     try:
         rows = conn.execute(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND sql IS NOT NULL "
