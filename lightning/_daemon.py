@@ -585,6 +585,14 @@ class Daemon:
                 return self._on_batch(peer, msg, encode_message(msg) if repaired else frame)
             case Hello():
                 return self._on_hello(peer, msg)
+            case Ping() if peer not in self._sessions:
+                # A connection this daemon has no session for (it restarted, or forgot a
+                # silent peer): answering Pong would tell a client whose frames died with
+                # the old daemon that all is well, and with its window full of those
+                # frames it would wait for their acks forever. Told to say Hello, it
+                # resends them.
+                return self._nack("no_session", "say Hello first: this daemon has no "
+                                  "session for this connection", retry=True)
             case Ping():
                 return encode_message(Pong(sent_at=msg.sent_at))
             case _:
