@@ -72,7 +72,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -81,8 +81,8 @@ from lightning._errors import BackendError, ConfigError
 from lightning.training.batch import TrainBatch, split_by_token_budget
 
 from ._common import (
+    NoReferenceSettings,
     StepSums,
-    TrainSettings,
     as_settings,
     action_logprobs,
     agg_units,
@@ -117,19 +117,14 @@ _CMD_KEY = "lightning/deepspeed/cmd/"
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-class DeepSpeedBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DeepSpeedBackendConfig(NoReferenceSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of :class:`DeepSpeedBackend` (load with ``msgspec.toml.decode(data, type=...)``).
 
     The loss fields mean the same as in ``TorchBackendConfig``.
     """
 
-    kl_reference: Literal["batch"] | None = None
-    """This backend keeps no reference policy. ``kl_coef > 0`` needs ``kl_reference =
-    "batch"``: every batch then carries its own ``ref_logprobs`` (computed by your code and
-    passed through the Python API; lightning's trainer never fills them), and a batch
-    without them fails its step. Without it, ``kl_coef > 0`` fails at setup, before any
-    rollout is spent (use the torch backend, which keeps the initial weights as the
-    reference)."""
+    backend_name: ClassVar[str] = "deepspeed"
+
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage: 0 = plain data parallel, 1 = optimizer states, 2 = + gradients,
     3 = + parameters partitioned over ranks. ``deepspeed_config``'s
@@ -156,13 +151,6 @@ class DeepSpeedBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_un
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.kl_coef > 0 and self.kl_reference != "batch":
-            raise ValueError(
-                f"kl_coef={self.kl_coef} needs a reference policy, which the deepspeed backend "
-                "does not keep: set kl_coef = 0, train with the torch backend (it keeps the "
-                "initial weights as the reference), or set kl_reference = \"batch\" and give "
-                "every batch its ref_logprobs"
-            )
         if self.export_group_elements < 1:
             raise ValueError(
                 f"export_group_elements must be >= 1, got {self.export_group_elements}"
