@@ -167,6 +167,10 @@ class PolicyServer:
         otlp: bool = True,
         max_body_bytes: int = 32 << 20,
         hold_ready: bool = False,
+        rollout_start_wait_s: float = 5.0,
+        max_stored_responses: int = 10_000,
+        max_stored_response_bytes: int = 256 << 20,
+        stored_response_ttl_s: float = 3600.0,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -189,6 +193,9 @@ class PolicyServer:
         self.ready = False
         # the owner sets ``ready`` itself (a daemon: once its checkpoint is loaded)
         self.hold_ready = hold_ready
+        if not math.isfinite(rollout_start_wait_s) or rollout_start_wait_s < 0:
+            raise ValueError(f"rollout_start_wait_s must be >= 0, got {rollout_start_wait_s}")
+        self.rollout_start_wait_s = rollout_start_wait_s
         self._token_text: dict[int, str] = {}
         self._tokenizer_limiter = anyio.CapacityLimiter(1)
         self.app = self._build_app()
@@ -439,14 +446,33 @@ class PolicyServer:
             sampling=ctx.sampling,
         )
 
-    def _check_capture_target(self, ctx: _Ctx) -> None:
-        if ctx.rollout_id is not None and self.capture is not None:
-            if not self.capture.is_open(ctx.rollout_id):  # type: ignore[attr-defined]
-                raise RequestError(
-                    f"rollout {ctx.rollout_id} is not open: start it with POST /v1/rollouts "
-                    "(and do not reuse finished rollouts)",
-                    code="rollout_not_found", status=404,
-                )
+    async def _check_capture_target(self, ctx: _Ctx) -> None:
+        if ctx.rollout_id is not None:
+            await self._await_open(ctx.rollout_id)
+
+    async def _await_open(self, rid: str) -> None:
+        """Return once rollout ``rid`` is open, waiting up to ``rollout_start_wait_s`` for
+        a start that is on its way (see the module docstring); else a 404.
+
+        Raises:
+            RequestError: 404 ``rollout_not_found``: unknown after the wait, or finished.
+        """
+        capture = self.capture
+        if capture is None:
+            raise RequestError("this server has no capture sink: rollout routes are off",
+                               status=404)
+        if capture.is_open(rid):  # type: ignore[attr-defined]
+            return
+        wait = getattr(capture, "wait_open", None)
+        if wait is not None and self.rollout_start_wait_s > 0:
+            if await wait(rid, self.rollout_start_wait_s):
+                return
+        raise RequestError(
+            f"rollout {rid} is not open (unknown, or already ended; waited "
+            f"{self.rollout_start_wait_s:g} s for its start, rollout_start_wait_s): start it "
+            "with POST /v1/rollouts, or name a rollout of the app's runtime while it runs "
+            "(lightning.current_rollout().headers / .base_url); finished rollouts are not "
+            "reused", code="rollout_not_found", status=404)
 
     # ------------------------------------------------------------------ routes
 
@@ -490,7 +516,7 @@ class PolicyServer:
         return self.engine.apply_chat_template(messages, tools=tools), bool(tools)
 
     async def _chat_impl(self, req: ChatCompletionRequest, ctx: _Ctx) -> Response:
-        self._check_capture_target(ctx)
+        await self._check_capture_target(ctx)
         want_lp = bool(req.logprobs)
         top = (req.top_logprobs or 0) if want_lp else 0
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -632,7 +658,7 @@ class PolicyServer:
             "token-id lists (non-empty)", param="prompt")
 
     async def _completions_impl(self, req: CompletionRequest, ctx: _Ctx) -> Response:
-        self._check_capture_target(ctx)
+        await self._check_capture_target(ctx)
         if req.echo:
             raise RequestError("echo is not supported", param="echo")
         if req.suffix:
@@ -769,7 +795,7 @@ class PolicyServer:
         return self.engine.apply_chat_template(messages, tools=tools), bool(tools)
 
     async def _responses_impl(self, req: ResponsesRequest, ctx: _Ctx) -> Response:
-        self._check_capture_target(ctx)
+        await self._check_capture_target(ctx)
         if req.previous_response_id:
             raise RequestError(
                 "previous_response_id is not supported (responses are not stored): send the "
@@ -905,8 +931,10 @@ class PolicyServer:
     # server-side rollouts ----------------------------------------------------------
 
     async def _rollout_route(self, request: Request, kind: type[Any],
-                             act: Callable[[Any], dict[str, Any]], status: int = 200) -> Response:
-        """Screen, parse as ``kind``, ``act`` on it (capture into the daemon): JSON reply."""
+                             act: Callable[[Any], dict[str, Any]], status: int = 200,
+                             wait_for: str | None = None) -> Response:
+        """Screen, parse as ``kind``, ``act`` on it (capture into the daemon): JSON reply.
+        With ``wait_for``, that rollout is waited for first (:meth:`_await_open`)."""
         denied = self._screen(request)
         if denied is not None:
             return denied
@@ -914,7 +942,10 @@ class PolicyServer:
             if self.capture is None:
                 raise RequestError("this server has no capture sink: rollout routes are off",
                                    status=404)
-            return JSONResponse(act(await self._read(request, kind)), status_code=status)
+            req = await self._read(request, kind)
+            if wait_for is not None:
+                await self._await_open(wait_for)
+            return JSONResponse(act(req), status_code=status)
         except RequestError as exc:
             return _error(exc.status, str(exc), param=exc.param, code=exc.code)
         except ProtocolError as exc:
@@ -940,7 +971,7 @@ class PolicyServer:
             self.capture.record_reward(rid, value, name, components)  # type: ignore[union-attr]
             return {"rollout_id": rid, "recorded": True}
 
-        return await self._rollout_route(request, RewardRequest, reward)
+        return await self._rollout_route(request, RewardRequest, reward, wait_for=rid)
 
     async def _rollout_end(self, request: Request) -> Response:
         rid = request.path_params["rollout_id"]
