@@ -157,8 +157,9 @@ class IngestState:
             hwm=dict(self.hwm),
             open=[_OpenRollout(start=o.start, client_id=o.client_id, transitions=o.transitions,
                                rewards=o.rewards, spans=o.spans,
-                               transition_sources=o.transition_sources,
-                               reward_sources=o.reward_sources, span_sources=o.span_sources)
+                               transition_sources=_foreign(o.transition_sources, o.client_id),
+                               reward_sources=_foreign(o.reward_sources, o.client_id),
+                               span_sources=_foreign(o.span_sources, o.client_id))
                   for o in self.open.values()],
             finished=list(self.finished),
             completed=self.completed,
@@ -344,6 +345,12 @@ class IngestState:
         self.completed += 1
         self.counters["trajectories_completed"] += 1
         return traj
+
+
+def _foreign(sources: list[str], owner: str) -> list[str]:
+    """``sources`` for a snapshot: empty when every event came from ``owner`` (the
+    common case; read back as all ``owner``)."""
+    return sources if any(src != owner for src in sources) else []
 
 
 def _interleave(o: _Open) -> tuple[list[Transition], list[Reward], list[Span]]:
