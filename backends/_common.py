@@ -79,8 +79,8 @@ class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     torch backend computes the reference log-probs itself (one no-grad forward per step;
     memory: one more copy of the weights, none with LoRA, whose reference is the model
     with the adapter disabled); ``batch.ref_logprobs``, when given, are used instead. The
-    DeepSpeed and verl backends keep no reference: with ``kl_coef > 0`` they need
-    ``batch.ref_logprobs`` and fail the step, saying so, without them."""
+    DeepSpeed and verl backends keep no reference: ``kl_coef > 0`` fails at their setup
+    unless ``kl_reference = "batch"`` says every batch brings ``ref_logprobs``."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator (see :mod:`lightning.algorithms.kl`)."""
     temperature: float = 1.0

@@ -123,6 +123,13 @@ class DeepSpeedBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_un
     The loss fields mean the same as in ``TorchBackendConfig``.
     """
 
+    kl_reference: Literal["batch"] | None = None
+    """This backend keeps no reference policy. ``kl_coef > 0`` needs ``kl_reference =
+    "batch"``: every batch then carries its own ``ref_logprobs`` (computed by your code and
+    passed through the Python API; lightning's trainer never fills them), and a batch
+    without them fails its step. Without it, ``kl_coef > 0`` fails at setup, before any
+    rollout is spent (use the torch backend, which keeps the initial weights as the
+    reference)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage: 0 = plain data parallel, 1 = optimizer states, 2 = + gradients,
     3 = + parameters partitioned over ranks. ``deepspeed_config``'s
@@ -149,6 +156,13 @@ class DeepSpeedBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_un
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kl_coef > 0 and self.kl_reference != "batch":
+            raise ValueError(
+                f"kl_coef={self.kl_coef} needs a reference policy, which the deepspeed backend "
+                "does not keep: set kl_coef = 0, train with the torch backend (it keeps the "
+                "initial weights as the reference), or set kl_reference = \"batch\" and give "
+                "every batch its ref_logprobs"
+            )
         if self.export_group_elements < 1:
             raise ValueError(
                 f"export_group_elements must be >= 1, got {self.export_group_elements}"

@@ -98,6 +98,13 @@ _FORMAT = 1
 class VerlBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of :class:`VerlBackend` (load with ``msgspec.toml.decode(data, type=...)``)."""
 
+    kl_reference: Literal["batch"] | None = None
+    """This backend keeps no reference policy. ``kl_coef > 0`` needs ``kl_reference =
+    "batch"``: every batch then carries its own ``ref_logprobs`` (computed by your code and
+    passed through the Python API; lightning's trainer never fills them), and a batch
+    without them fails its step. Without it, ``kl_coef > 0`` fails at setup, before any
+    rollout is spent (use the torch backend, which keeps the initial weights as the
+    reference)."""
     verl_policy_loss: str | None = None
     """Use verl's ``ppo_loss`` with this registered policy loss instead (``vanilla``,
     ``gspo``, ``cispo``, ``clip_cov``, ...). Clip ratios, ``loss_agg``, ``kl_*`` carry over."""
@@ -130,6 +137,13 @@ class VerlBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknown
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kl_coef > 0 and self.kl_reference != "batch":
+            raise ValueError(
+                f"kl_coef={self.kl_coef} needs a reference policy, which the verl backend "
+                "does not keep: set kl_coef = 0, train with the torch backend (it keeps the "
+                "initial weights as the reference), or set kl_reference = \"batch\" and give "
+                "every batch its ref_logprobs"
+            )
         if self.nnodes < 1 or self.gpus_per_node < 1:
             raise ValueError("nnodes and gpus_per_node must be >= 1")
         if self.device == "cpu" and self.dtype not in (None, "float32"):
