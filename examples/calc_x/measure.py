@@ -21,17 +21,24 @@ from typing import Any
 
 import lightning
 
+from . import agent as calc_agent
 from .agent import dataset, solve
 
 __all__ = ["main", "measure"]
 
 _outcomes: list[dict[str, Any]] = []
+_temperature = 1.0
+_stream: Any = None  # --json: one line per rollout as it ends (a run cut short keeps them)
 
 
 @lightning.rollout(name="calc_x_autogen_measure")
 async def _measured(task: dict[str, Any]) -> float:
-    outcome = await solve(task)
-    _outcomes.append({"id": task.get("id"), "gold": task["answer"], **outcome})
+    outcome = await solve({**task, "temperature": _temperature})
+    row = {"id": task.get("id"), "gold": task["answer"], **outcome}
+    _outcomes.append(row)
+    if _stream is not None:
+        _stream.write(json.dumps(row, default=str) + "\n")
+        _stream.flush()
     return float(outcome["reward"])
 
 
@@ -90,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=1, help="samples per task")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="write every outcome here")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (training samples at the task's, default 1.0)")
+    p.add_argument("--shots", choices=("one-call", "chain"), default="one-call",
+                   help="few-shot design: FEW_SHOT (one call with the whole calculation, then "
+                   "the answer) or FEW_SHOT_CHAIN (one call per step, two rounds)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write every rollout's outcome here (JSON lines, as they end), then "
+                   "the summary as the last line")
     args = p.parse_args(argv)
     import anyio
 
@@ -106,14 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir = args.model
     tasks = dataset()[1][: args.tasks]
+    global _stream, _temperature
+    _temperature = args.temperature
+    if args.shots == "chain":
+        calc_agent.FEW_SHOT = calc_agent.FEW_SHOT_CHAIN
+    if args.json is not None:
+        _stream = args.json.open("w")  # noqa: SIM115 - closed below
     summary = anyio.run(lambda: measure(model_dir, tasks, samples=args.samples,
                                         concurrency=args.concurrency, seed=args.seed),
                         backend="asyncio")
-    summary["model"] = Path(model_dir).name
+    summary.update(model=Path(model_dir).name, temperature=args.temperature, shots=args.shots)
     print(json.dumps(summary, indent=1))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"summary": summary, "outcomes": _outcomes}, indent=1,
-                                        default=str))
+    if _stream is not None:
+        _stream.write(json.dumps({"summary": summary}) + "\n")
+        _stream.close()
     se = summary["stderr"]
     print(f"base rate {summary['accuracy']:.3f} ± {se:.3f} s.e. "
           f"(95% CI ± {1.96 * se:.3f}; {math.floor(summary['accuracy'] * summary['rollouts'] + .5)}"
