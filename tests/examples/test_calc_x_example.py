@@ -441,3 +441,39 @@ async def test_tiny_model_smoke(tmp_path):
 
     assert all(len(unpack_ids(x.response_ids)) <= 16 for t in trajs for x in t.transitions)
     assert _server_pids() == []
+
+
+def test_scripted_expressions_match_the_generator():
+    from calc_x.scripted import expression_for
+
+    train, test = generate(seed=5)
+    assert all(expression_for(t["question"]) == t["expression"] for t in train + test)
+    assert expression_for("What is 2 + 2?") is None
+
+
+def test_lightning_train_runs_the_example_on_the_scripted_engine(tmp_path):
+    """The README's command, scripted: ``--agent`` by file path, real AutoGen + MCP loop,
+    real trainer on the tiny model; the outputs of the main job are written."""
+    import subprocess
+
+    pytest.importorskip("lightning.engine.scripted")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning", "train",
+         "--agent", f"{EXAMPLES / 'calc_x' / 'agent.py'}:agent", "--model", "tiny",
+         "--engine", "scripted", "--script", "calc_x.scripted:reply", "--steps", "2",
+         "--group-size", "4", "--batch-size", "8", "--concurrency", "8", "--eval-tasks", "4",
+         "--air", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=280, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if m["kind"] == "train"]
+    assert [m["train/step"] for m in train] == [1, 2]
+    assert 0.0 < train[0]["reward/mean"] < 1.0  # groups with both outcomes
+    evals = {m["when"]: m for m in lines if m["kind"] == "eval"}
+    assert set(evals) == {"before", "after"} and evals["before"]["samples"] == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "eval" in summary
+    assert (out / "reward.png").is_file() or "plot" in summary
