@@ -128,7 +128,7 @@ def _thousands(text: str) -> str:
     return "".join(out)
 
 
-def format_number(value: int | float) -> str:
+def format_number(value: float) -> str:
     """How results are written back to the model: integers plainly, floats to 6 places."""
     if isinstance(value, int):
         return str(value)

@@ -185,5 +185,5 @@ if __name__ == "__main__":
 
     # run as a script: make the package importable so the relative import above works
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "calc_x"  # noqa: A001
+    __package__ = "calc_x"
     sys.exit(main())

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shots == "chain":
         calc_agent.FEW_SHOT = calc_agent.FEW_SHOT_CHAIN
     if args.json is not None:
-        _stream = args.json.open("w")  # noqa: SIM115 - closed below
+        _stream = args.json.open("w")
     summary = anyio.run(lambda: measure(model_dir, tasks, samples=args.samples,
                                         concurrency=args.concurrency, seed=args.seed),
                         backend="asyncio")

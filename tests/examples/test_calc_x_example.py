@@ -21,10 +21,10 @@ EXAMPLES = ROOT / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))  # examples/ is the package root of calc_x
 
-from calc_x import agent as calc_agent  # noqa: E402
-from calc_x.calc_server import MAX_CHARS, CalcError, evaluate, format_number  # noqa: E402
-from calc_x.data import bundled, load_calc_x, parse_result  # noqa: E402
-from calc_x.make_data import DATA_DIR, generate  # noqa: E402
+from calc_x import agent as calc_agent
+from calc_x.calc_server import MAX_CHARS, CalcError, evaluate, format_number
+from calc_x.data import bundled, load_calc_x, parse_result
+from calc_x.make_data import DATA_DIR, generate
 
 pytest.importorskip("autogen_agentchat")
 pytest.importorskip("mcp")
@@ -466,7 +466,7 @@ def test_lightning_train_runs_the_example_on_the_scripted_engine(tmp_path):
          "--engine", "scripted", "--script", "calc_x.scripted:reply", "--steps", "2",
          "--group-size", "4", "--batch-size", "8", "--concurrency", "8", "--eval-tasks", "4",
          "--air", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=280, cwd=tmp_path)
+        check=False, capture_output=True, text=True, env=env, timeout=280, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in lines if m["kind"] == "train"]
