@@ -1,0 +1,130 @@
+"""Measure the untrained policy on held-out questions: F1, EM, how often it searches.
+
+    PYTHONPATH=examples python -m rag.base_rate --tasks 40 --model default
+
+The real stack, as ``lightning train`` wires it (daemon, torch engine, policy server,
+runtime session), without training: each held-out task is run once; the stored
+trajectories are then read back for the ``final_answer`` span (F1, EM) and the ``search``
+tool spans (the model's own searches and their retrieval hits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "measure"]
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else 0.0
+    return round(m, 4), round(se, 4)
+
+
+async def measure(tasks: list[dict[str, Any]], model_dir: Path, *, concurrency: int = 16,
+                  samples: int = 1, seed: int = 0) -> dict[str, Any]:
+    import anyio
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lightning
+    from lightning import DaemonConfig
+    from lightning._daemon import Daemon
+    from lightning.engine.torch_engine import TorchEngine
+    from lightning.serving import PolicyServer
+    from lightning.testing import recover
+    from lightning.training.runner import evaluate
+
+    from .agent import agent
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                 local_files_only=True).eval()
+    tmp = Path(tempfile.mkdtemp(prefix="rag-base-"))
+    daemon = Daemon(DaemonConfig(bind="tcp://127.0.0.1:0", data_dir=str(tmp / "data"),
+                                 stats_interval_s=0))
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(daemon.serve)
+        engine = TorchEngine(model, tok, max_num_seqs=concurrency, seed=seed)
+        await tg.start(engine.serve)
+        server = PolicyServer(engine, model_name=model_dir.name, port=0,
+                              capture=daemon.capture, accept_any_model=True)
+        base_url = await tg.start(server.serve)
+        async with lightning.session(daemon=address, policy_url=base_url,
+                                     policy_model=model_dir.name, spill_dir=str(tmp / "spill")):
+            result = await evaluate(agent, tasks, samples_per_task=samples,
+                                    concurrency=concurrency)
+            rt = lightning.get_runtime()
+            with anyio.fail_after(60):
+                while rt.pending_events():
+                    await anyio.sleep(0.05)
+        wall = time.perf_counter() - t0
+        await anyio.sleep(0.5)  # let the daemon commit the last batch before reading its log
+        tg.cancel_scope.cancel()
+    _, trajs, _ = recover(tmp / "data")
+    f1s, ems, searched, hit_any, answered, turns = [], [], [], [], [], []
+    for t in trajs:
+        fa = [s for s in t.spans if s.name == "final_answer"]
+        own = [s for s in t.spans if s.kind == "tool" and s.name == "search"]
+        if not fa:
+            continue
+        f1s.append(float(fa[-1].attributes["f1"]))
+        ems.append(float(fa[-1].attributes["em"]))
+        answered.append(float(bool(fa[-1].attributes["answer"])))
+        searched.append(float(bool(own)))
+        hit_any.append(float(any(s.status == "ok" for s in own)))
+        turns.append(len(t.transitions))
+    return {
+        "tasks": len(tasks), "samples": samples, "rollouts": len(f1s),
+        "f1": _mean_se(f1s), "em": _mean_se(ems),
+        "eval_mean": round(result.mean, 4), "eval_stderr": round(result.stderr, 4),
+        "share_answered": _mean_se(answered)[0],
+        "share_with_own_search": _mean_se(searched)[0],
+        "share_own_search_hit": _mean_se(hit_any)[0],
+        "mean_llm_calls": round(sum(turns) / max(len(turns), 1), 2),
+        "wall_s": round(wall, 1),
+        "rewards_nonzero": sum(1 for x in f1s if x > 0),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import anyio
+
+    from .agent import dataset
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, default=40)
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M) or a path")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--no-initial-search", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    args = p.parse_args(argv)
+    if args.model == "default":
+        from lightning.models import default_model_path
+
+        model_dir = default_model_path()
+    else:
+        model_dir = Path(args.model)
+    _, test = dataset()
+    tasks = [{**t, "initial_search": not args.no_initial_search,
+              "temperature": args.temperature} for t in test[: args.tasks]]
+    out = anyio.run(functools.partial(measure, tasks, model_dir, concurrency=args.concurrency,
+                                      samples=args.samples), backend="asyncio")
+    print(json.dumps({**out, "initial_search": not args.no_initial_search,
+                      "temperature": args.temperature}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
