@@ -20,7 +20,7 @@ Design for a small policy (SmolLM2-135M-Instruct), measured in the README:
   search is the question itself (what any first search would be), so nothing is leaked,
   and the second hop still has to be found by the model. ``task["initial_search"] =
   False`` turns it off.
-- *Two worked examples* in the conversation (user question -> search -> results ->
+- *A worked example* in the conversation (user question -> search -> results ->
   search -> results -> ``Answer: ...``), with entities absent from the corpus, show the
   ``<tool_call>{"name": "search", "arguments": {"query": ...}}</tool_call>`` format the
   chat template renders and the policy server parses.
@@ -59,27 +59,21 @@ INSTRUCTIONS = (
     "with 'Answer: ' and the short answer only."
 )
 
-#: Worked examples (entities not in the bundled corpus): (question, [(query, results)],
+#: A worked example (entities not in the bundled corpus): (question, [(query, results)],
 #: answer). The first query is the question itself, like the search the agent gives.
+#: One example only: every prompt token is prefill on a CPU demo.
 FEW_SHOT: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
     ("In which country is Quarvel Foods headquartered?", (
         ("In which country is Quarvel Foods headquartered?",
          "Quarvel Foods: Quarvel Foods is a company founded in 1961 by Orlen Tasky. Its "
-         "headquarters are in Mirrow.\nTasky Works: Tasky Works is a company founded in "
-         "1990 by Dala Brim. Its headquarters are in Sunde."),
+         "headquarters are in Mirrow."),
         ("Mirrow", "Mirrow: Mirrow is a river city in Pelladia."),
     ), "Pelladia"),
-    ("In which city was the founder of Hesk Motors born?", (
-        ("In which city was the founder of Hesk Motors born?",
-         "Hesk Motors: Hesk Motors is a company founded in 1922 by Ivo Marten. Its "
-         "headquarters are in Caldo."),
-        ("Ivo Marten", "Ivo Marten: Ivo Marten is a pilot who was born in Ostrava Nel."),
-    ), "Ostrava Nel"),
 )
 
 DEFAULT_K = 3
 DEFAULT_MAX_TURNS = 4
-DEFAULT_MAX_TOKENS = 40
+DEFAULT_MAX_TOKENS = 32
 
 _indexes: dict[str | None, Index] = {}
 

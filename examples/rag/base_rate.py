@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-initial-search", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     args = p.parse_args(argv)
+    from lightning._logging import configure_logging
+
+    configure_logging("warning")
     if args.model == "default":
         from lightning.models import default_model_path
 
