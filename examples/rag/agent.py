@@ -242,12 +242,14 @@ async def agent(task: dict[str, Any]) -> float:
     golds = list(task["answers"])
     f1, em = best_f1(answer, golds), best_em(answer, golds)
     lightning.emit_span("final_answer", attributes={
-        "answer": answer, "text": text[:2000], "f1": f1, "em": em, "error": error})
+        "answer": answer, "text": text[:2000], "f1": f1, "em": em, "error": error,
+        "hops": task.get("hops")})
     return f1
 
 
 def dataset(seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(train, test)``: the bundled generated questions (258 train, 92 test)."""
+    """``(train, test)``: the bundled generated questions (438 train, 152 test; one- and
+    two-hop, see ``make_data.py``)."""
     return _data.bundled(seed=seed)
 
 

@@ -14,6 +14,7 @@ import argparse
 import functools
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,10 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
 
 
 async def measure(tasks: list[dict[str, Any]], model_dir: Path, *, concurrency: int = 16,
-                  samples: int = 1, seed: int = 0) -> dict[str, Any]:
+                  samples: int = 1, seed: int = 0, time_limit_s: float = 1e9
+                  ) -> dict[str, Any]:
+    """Run ``tasks`` on the untrained policy; rollouts still running after
+    ``time_limit_s`` are cancelled and left out (``stopped_early`` says so)."""
     import anyio
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,8 +66,18 @@ async def measure(tasks: list[dict[str, Any]], model_dir: Path, *, concurrency: 
         base_url = await tg.start(server.serve)
         async with lightning.session(daemon=address, policy_url=base_url,
                                      policy_model=model_dir.name, spill_dir=str(tmp / "spill")):
-            result = await evaluate(agent, tasks, samples_per_task=samples,
-                                    concurrency=concurrency)
+            scores: list[float] = []
+
+            async def scored(task: dict[str, Any]) -> float:
+                value = await agent(task)
+                scores.append(value)
+                print(f"[{time.perf_counter() - t0:6.1f}s] {len(scores)} rollouts, mean F1 "
+                      f"{sum(scores) / len(scores):.3f}", file=sys.stderr, flush=True)
+                return value
+
+            with anyio.move_on_after(time_limit_s) as scope:
+                await evaluate(scored, tasks, samples_per_task=samples,
+                               concurrency=concurrency)
             rt = lightning.get_runtime()
             with anyio.fail_after(60):
                 while rt.pending_events():
@@ -73,6 +87,8 @@ async def measure(tasks: list[dict[str, Any]], model_dir: Path, *, concurrency: 
         tg.cancel_scope.cancel()
     _, trajs, _ = recover(tmp / "data")
     f1s, ems, searched, hit_any, answered, turns = [], [], [], [], [], []
+    samples_out = []
+    by_hops: dict[str, list[float]] = {}
     for t in trajs:
         fa = [s for s in t.spans if s.name == "final_answer"]
         own = [s for s in t.spans if s.kind == "tool" and s.name == "search"]
@@ -84,16 +100,21 @@ async def measure(tasks: list[dict[str, Any]], model_dir: Path, *, concurrency: 
         searched.append(float(bool(own)))
         hit_any.append(float(any(s.status == "ok" for s in own)))
         turns.append(len(t.transitions))
+        by_hops.setdefault(str(fa[-1].attributes.get("hops")), []).append(f1s[-1])
+        if len(samples_out) < 8:
+            samples_out.append((fa[-1].attributes["text"][:120], fa[-1].attributes["f1"]))
     return {
         "tasks": len(tasks), "samples": samples, "rollouts": len(f1s),
         "f1": _mean_se(f1s), "em": _mean_se(ems),
-        "eval_mean": round(result.mean, 4), "eval_stderr": round(result.stderr, 4),
+        "stopped_early": scope.cancelled_caught,
         "share_answered": _mean_se(answered)[0],
         "share_with_own_search": _mean_se(searched)[0],
         "share_own_search_hit": _mean_se(hit_any)[0],
         "mean_llm_calls": round(sum(turns) / max(len(turns), 1), 2),
         "wall_s": round(wall, 1),
         "rewards_nonzero": sum(1 for x in f1s if x > 0),
+        "f1_by_hops": {h: (len(v), *_mean_se(v)) for h, v in sorted(by_hops.items())},
+        "examples": samples_out,
     }
 
 
@@ -109,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--no-initial-search", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--time-limit", type=float, default=270.0,
+                   help="seconds; rollouts not done by then are left out")
     args = p.parse_args(argv)
     from lightning._logging import configure_logging
 
@@ -123,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [{**t, "initial_search": not args.no_initial_search,
               "temperature": args.temperature} for t in test[: args.tasks]]
     out = anyio.run(functools.partial(measure, tasks, model_dir, concurrency=args.concurrency,
-                                      samples=args.samples), backend="asyncio")
+                                      samples=args.samples, time_limit_s=args.time_limit),
+                    backend="asyncio")
     print(json.dumps({**out, "initial_search": not args.no_initial_search,
                       "temperature": args.temperature}))
     return 0

@@ -8,8 +8,8 @@ every correct answer has to come from the retrieved passages, as in MuSiQue.
 
 The world: countries, cities (each in one country), people (each born in one city, with
 a profession) and companies (each founded by one person in a year, headquartered in one
-city). One passage per entity states its facts, so every question needs two passages,
-found by two searches, the second query built from what the first returned:
+city). One passage per entity states its facts, so every two-hop question needs two
+passages, found by two searches, the second query built from what the first returned:
 
 - ``founder_city``: "In which city was the founder of <company> born?"
   company passage (founder) -> person passage (birth city)
@@ -17,6 +17,12 @@ found by two searches, the second query built from what the first returned:
   person passage (birth city) -> city passage (country)
 - ``hq_country``: "In which country is <company> headquartered?"
   company passage (headquarters city) -> city passage (country)
+
+and, so that a small policy that does not yet search again can score (see the agent's
+docstring), the one-hop questions of the same facts:
+
+- ``founder``: "Who founded <company>?" (company passage)
+- ``birth_city``: "In which city was <person> born?" (person passage)
 
 Train and test are disjoint by *first-hop entity*: every question about a given company
 or person is in one split only (the passages are shared: it is one encyclopedia).
@@ -66,7 +72,8 @@ def generate(*, seed: int = 0, n_countries: int = 10, n_cities: int = 40, n_peop
              n_companies: int = 110, test_fraction: float = 0.25
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """``(corpus, train, test)``: passages ``{id, title, text}`` and questions ``{id,
-    question, answers, supporting, template}`` (``supporting``: the two passage ids)."""
+    question, answers, supporting, template, hops}`` (``supporting``: the gold passage ids,
+    one per hop)."""
     rng = random.Random(seed)
     taken: set[str] = set()
     countries = _names(rng, n_countries, lambda: _word(rng, 2) + "ia", taken)
@@ -108,16 +115,21 @@ def generate(*, seed: int = 0, n_countries: int = 10, n_cities: int = 40, n_peop
         p = founder[c]
         questions[c] = [
             {"question": f"In which city was the founder of {c} born?",
-             "answers": [born_in[p]], "supporting": [pid[c], pid[p]], "template": "founder_city"},
+             "answers": [born_in[p]], "supporting": [pid[c], pid[p]], "template": "founder_city",
+             "hops": 2},
             {"question": f"In which country is {c} headquartered?",
              "answers": [country_of[hq[c]]], "supporting": [pid[c], pid[hq[c]]],
-             "template": "hq_country"},
+             "template": "hq_country", "hops": 2},
+            {"question": f"Who founded {c}?", "answers": [p], "supporting": [pid[c]],
+             "template": "founder", "hops": 1},
         ]
     for p in people:
         questions[p] = [
             {"question": f"In which country was {p} born?",
              "answers": [country_of[born_in[p]]], "supporting": [pid[p], pid[born_in[p]]],
-             "template": "person_country"},
+             "template": "person_country", "hops": 2},
+            {"question": f"In which city was {p} born?", "answers": [born_in[p]],
+             "supporting": [pid[p]], "template": "birth_city", "hops": 1},
         ]
     firsts_hop = list(questions)
     rng.shuffle(firsts_hop)

@@ -123,7 +123,7 @@ def test_generator_is_deterministic_disjoint_and_committed():
     assert committed == [corpus, train, test]  # the bundled files are seed 0's output
     assert sum((make_data.DATA_DIR / f"{n}.jsonl").stat().st_size
                for n in ("corpus", "train", "test")) < 1 << 20
-    assert len(train) >= 200 and len(test) >= 80
+    assert len(train) >= 300 and len(test) >= 100
     by_id = {p["id"]: p for p in corpus}
 
     def first_hop(q):
@@ -131,10 +131,19 @@ def test_generator_is_deterministic_disjoint_and_committed():
 
     assert not {first_hop(q) for q in train} & {first_hop(q) for q in test}
     assert not {q["question"] for q in train} & {q["question"] for q in test}
+    hops = {1: 0, 2: 0}
     for q in train + test:
-        a, b = (by_id[i] for i in q["supporting"])
-        assert a["title"] in q["question"] and q["answers"][0] not in a["text"]
+        hops[q["hops"]] += 1
+        assert len(q["supporting"]) == q["hops"]
+        a = by_id[q["supporting"][0]]
+        assert a["title"] in q["question"]
+        if q["hops"] == 1:
+            assert q["answers"][0] in a["text"]
+            continue
+        b = by_id[q["supporting"][1]]
+        assert q["answers"][0] not in a["text"]
         assert b["title"] in a["text"] and q["answers"][0] in b["text"]  # two hops
+    assert hops[2] > hops[1] > 100
     tr, te = data.bundled(seed=0)
     assert sorted(t["id"] for t in tr) == sorted(t["id"] for t in train) and te == [
         {**t, "index": None} for t in test]
@@ -217,7 +226,7 @@ async def test_retrieval_hit_is_a_successful_tool_step_for_air(tmp_path):
     from rag.agent import RetrievalMiss, get_index, retrieve
 
     _, test = data.bundled()
-    task = test[0]
+    task = next(t for t in test if t["hops"] == 2)
     hit_query = task["question"]                  # finds the first-hop passage
     miss_query = "Pelladia Mirrow river"          # finds neither supporting passage
     assert not {p["id"] for p in get_index().search(miss_query, 3)} & set(task["supporting"])
@@ -329,7 +338,7 @@ async def test_agents_sdk_tool_loop_on_the_scripted_engine(scripted_stack, strea
     scripted, replies, requests, daemon, rt, tok = scripted_stack
     corpus, _, _ = make_data.generate(seed=0)
     _, test = data.bundled()
-    task = {**test[0], "stream": stream}
+    task = {**next(t for t in test if t["hops"] == 2), "stream": stream}
     replies["fn"] = _two_searches_then_answer(scripted, task, corpus)
     reward = await agent(task)
     assert reward == 1.0
