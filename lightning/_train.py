@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="training tasks, one JSON object per line (passed to the agent)")
     p.add_argument("--eval-dataset", default=None, metavar="JSONL", help="held-out tasks")
     p.add_argument("--model", default="default",
-                   help="Hugging Face checkpoint directory ('default': SmolLM2-135M-Instruct)")
+                   help="Hugging Face checkpoint directory ('default': SmolLM2-135M-Instruct; "
+                   "'tiny': a tiny random model with SmolLM2's tokenizer, for smoke runs)")
     p.add_argument("--out", default="lightning-train", help="output directory")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per task and step")
@@ -76,8 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in --out")
     p.add_argument("--backend", default="torch", choices=("torch", "deepspeed", "verl"),
                    help="training backend (one process; default torch)")
-    p.add_argument("--engine", default="torch", choices=("torch", "vllm"),
-                   help="inference engine (vllm: pip install 'lightning-rl[vllm]')")
+    p.add_argument("--engine", default="torch", choices=("torch", "vllm", "scripted"),
+                   help="inference engine (vllm: pip install 'lightning-rl[vllm]'; scripted: "
+                   "answers come from --script, log-probs from the model: for tests and CI "
+                   "smoke runs of an agent's own loop)")
+    p.add_argument("--script", default=None, metavar="MODULE:FUNCTION",
+                   help="with --engine scripted: the script, a function (ScriptRequest) -> "
+                   "Reply | str, or a zero-argument factory of one "
+                   "(lightning.engine.scripted)")
     p.add_argument("--backend-config", default=None, metavar="TOML",
                    help="backend settings (e.g. TorchBackendConfig fields); --lr wins")
     p.add_argument("--seed", type=int, default=0)
@@ -95,12 +102,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _import_path(path: Path, spec: str) -> Any:
+    """Import a ``.py`` file as a module. In a package (its folder has ``__init__.py``),
+    the package root goes first on ``sys.path`` and the module is imported by its dotted
+    name, so the file's relative imports work; otherwise its folder goes first."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"--agent {spec!r}: {str(path)!r} is not a file")
+    parts = [path.stem]
+    root = path.parent
+    while (root / "__init__.py").exists():
+        parts.insert(0, root.name)
+        root = root.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    name = ".".join(parts)
+    module = importlib.import_module(name)
+    if Path(getattr(module, "__file__", "") or "").resolve() != path:
+        raise ConfigError(
+            f"--agent {spec!r}: importing {name!r} found {module.__file__!r}, another module "
+            f"of that name; rename the file or its package, or use --agent MODULE:FUNCTION"
+        )
+    return module
+
+
 def _load_agent(spec: str) -> tuple[Any, Any]:
-    mod_name, _, attr = spec.partition(":")
+    mod_name, _, attr = spec.rpartition(":")
     if not mod_name or not attr:
-        raise ConfigError(f"--agent {spec!r} must look like 'package.module:function'")
+        raise ConfigError(f"--agent {spec!r} must look like 'package.module:function' or "
+                          "'path/to/file.py:function'")
     try:
-        module = importlib.import_module(mod_name)
+        if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+            module = _import_path(Path(mod_name), spec)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.append(str(Path.cwd()))  # as `python -m` would: modules of the cwd
+            module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise ConfigError(f"--agent {spec!r}: cannot import {mod_name!r}: {exc}") from exc
     try:
@@ -188,6 +225,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         for name in ("steps", "group_size", "batch_size", "concurrency"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.engine == "scripted" and not args.script:
+            raise ConfigError("--engine scripted needs --script MODULE:FUNCTION (the answers)")
+        if args.script and args.engine != "scripted":
+            raise ConfigError(f"--script is only used by --engine scripted (got --engine "
+                              f"{args.engine}); drop --script or add --engine scripted")
         from .training.failures import FailurePolicy
 
         try:
@@ -251,6 +293,10 @@ def _model_dir(model: str) -> Path:
         from .models import default_model_path
 
         return default_model_path()
+    if model == "tiny":
+        from .models import tiny_model_path
+
+        return tiny_model_path()
     path = Path(model)
     if not (path / "config.json").exists():
         raise ConfigError(f"--model {model!r} is not a Hugging Face checkpoint directory")
@@ -374,6 +420,16 @@ async def _train(args: argparse.Namespace, agent: Any, train: list[Any],
                 )
             except (LookupError, EngineError) as exc:  # not installed, untested version
                 raise ConfigError(str(exc)) from exc
+        elif args.engine == "scripted":
+            from .engine.scripted import ScriptedEngine, load_script
+
+            path, model, tok = await anyio.to_thread.run_sync(_load_policy, args.model)
+            try:
+                script = load_script(args.script)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            engine = ScriptedEngine(tok, script, model=model, max_num_seqs=max(args.concurrency, 1),
+                                    seed=args.seed)
         else:
             path, model, tok = await anyio.to_thread.run_sync(_load_policy, args.model)
             engine = TorchEngine(model, tok, max_num_seqs=max(args.concurrency, 1),

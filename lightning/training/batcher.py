@@ -229,6 +229,8 @@ class Batcher:
         # training rollouts since the last health check: [completed, failed], first error
         self._health: list[Any] = [0, 0, None]
         self._health_since = clock()
+        # groups closed in the current FAILURE_WARN_S interval: [all, uniform, outcomes seen]
+        self._groups_health: list[Any] = [0, 0, set()]
         self._version = 0  # the trainer's version at the last next_batch
         self._warned_unknown_version = False
 
@@ -319,6 +321,16 @@ class Batcher:
         now = self._clock()
         if now - self._health_since < FAILURE_WARN_S:
             return
+        g = self._groups_health
+        if g[0] and g[0] == g[1]:
+            self.counters["only_uniform_warnings"] += 1
+            logger.warning("batcher.only_uniform_groups", groups=g[0],
+                           outcomes=sorted(g[2])[:8], over_s=round(now - self._health_since, 1),
+                           hint="every group closed in this interval had one outcome for all "
+                           "its rollouts, so a group-relative estimator has no signal and "
+                           "they were set aside (drop_uniform_groups): the task is too easy "
+                           "or too hard for the policy, or the agent ignores what it samples")
+        self._groups_health = [0, 0, set()]
         if h[0] == 0 and h[1]:
             self.counters["only_failures_warnings"] += 1
             logger.warning("batcher.only_failures", failed=h[1], completed=0,
@@ -377,9 +389,13 @@ class Batcher:
             )
         outcomes = [m.outcome for m in group.members]
         self._outcomes.extend(outcomes)
+        self._groups_health[0] += 1
         if self.config.drop_uniform_groups and (
             len(outcomes) < 2 or max(outcomes) == min(outcomes)
         ):
+            self._groups_health[1] += 1
+            if len(self._groups_health[2]) < 64:
+                self._groups_health[2].update(outcomes)
             c["set_aside.uniform_groups"] += 1
             c["set_aside.uniform_trajectories"] += len(group.members)
             c["set_aside_train"] += len(group.members)
