@@ -338,7 +338,7 @@ async def test_agents_sdk_tool_loop_on_the_scripted_engine(scripted_stack, strea
     scripted, replies, requests, daemon, rt, tok = scripted_stack
     corpus, _, _ = make_data.generate(seed=0)
     _, test = data.bundled()
-    task = {**next(t for t in test if t["hops"] == 2), "stream": stream}
+    task = {**next(t for t in test if t["hops"] == 2), "stream": stream, "max_tokens": 128}
     replies["fn"] = _two_searches_then_answer(scripted, task, corpus)
     reward = await agent(task)
     assert reward == 1.0
@@ -353,14 +353,29 @@ async def test_agents_sdk_tool_loop_on_the_scripted_engine(scripted_stack, strea
     # captured: three transitions, each what the engine sampled, in order
     assert len(traj.transitions) == 3
     for t, r in zip(traj.transitions, requests):
-        assert unpack_ids(t.prompt_ids) == list(r.prompt_token_ids)
+        assert list(unpack_ids(t.prompt_ids)) == list(r.prompt_token_ids)
         assert t.trainable
-    assert traj.transitions[0].metadata["tool_calls"][0]["function"]["name"] == "search"
+    assert [c["name"] for t in traj.transitions[:2] for c in t.metadata["tool_calls"]] == [
+        "search", "search"]
     assert traj.final_reward == 1.0
     tools = [s for s in traj.spans if s.kind == "tool"]
     assert [s.status for s in tools] == ["ok", "ok"]  # both searches hit a gold passage
     (fa,) = [s for s in traj.spans if s.name == "final_answer"]
     assert fa.attributes["f1"] == 1.0 and fa.attributes["em"] == 1.0
+    # each turn's prompt extends the previous prompt + response token for token (the tool
+    # results follow), so the turns merge into one sequence for training
+    merged = []
+    for a, b in zip(traj.transitions, traj.transitions[1:]):
+        prev = list(unpack_ids(a.prompt_ids)) + list(unpack_ids(a.response_ids))
+        merged.append(list(unpack_ids(b.prompt_ids))[: len(prev)] == prev)
+    if stream and not all(merged):
+        # Known gap, outside this example: streamed, the text before a tool call reaches
+        # the SDK with the newline the template puts before <tool_call> ("Let me
+        # check.\n"); sent back, it renders with a second newline, so turn 3's prompt does
+        # not extend turn 2's sample and the trajectory splits there. Not streamed, the
+        # content is stripped and the turns merge.
+        pytest.xfail("streamed content before a tool call keeps its trailing newline")
+    assert all(merged)
 
 
 async def test_a_call_to_an_unknown_tool_scores_zero_not_a_failed_rollout(scripted_stack):
