@@ -427,3 +427,29 @@ async def test_tiny_model_smoke(tmp_path):
         tg.cancel_scope.cancel()
     assert all(0.0 <= r <= 1.0 for r in rewards)
     assert all(t.transitions and t.status != "failed" for t in trajs)
+
+
+@pytest.mark.timeout(300)
+def test_lightning_train_cli_on_the_scripted_engine(tmp_path):
+    """The README's command at CI size: `lightning train --agent examples/rag/agent.py:agent`
+    on the scripted policy (tiny model's log-probs); the usual outputs come out."""
+    import subprocess
+
+    pytest.importorskip("agents")
+    pytest.importorskip("lightning.engine.scripted")
+    out = tmp_path / "run"
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning", "train", "--agent", "examples/rag/agent.py:agent",
+         "--model", "tiny", "--engine", "scripted", "--script", "rag.policy:script",
+         "--steps", "1", "--group-size", "2", "--batch-size", "2", "--concurrency", "4",
+         "--eval-tasks", "2", "--air", "--no-progress", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["eval"]["tasks"] == 2
+    kinds = [json.loads(x)["kind"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("train") == 1 and kinds.count("eval") == 2
