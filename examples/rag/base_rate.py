@@ -23,8 +23,10 @@ from typing import Any
 __all__ = ["main", "measure"]
 
 
-def _mean_se(xs: list[float]) -> tuple[float, float]:
+def _mean_se(xs: list[float]) -> tuple[float | None, float | None]:
     n = len(xs)
+    if n == 0:
+        return None, None
     m = sum(xs) / n
     se = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else 0.0
     return round(m, 4), round(se, 4)
@@ -79,13 +81,21 @@ async def measure(tasks: list[dict[str, Any]], model_dir: Path, *, concurrency: 
                 await evaluate(scored, tasks, samples_per_task=samples,
                                concurrency=concurrency)
             rt = lightning.get_runtime()
-            with anyio.fail_after(60):
+            with anyio.move_on_after(30):
                 while rt.pending_events():
                     await anyio.sleep(0.05)
-        wall = time.perf_counter() - t0
-        await anyio.sleep(0.5)  # let the daemon commit the last batch before reading its log
+            wall = time.perf_counter() - t0
+            await anyio.sleep(0.5)  # let the daemon commit the last batch before reading
+            out = _summarise(recover(tmp / "data")[1], tasks, samples, wall)
+            out["stopped_early"] = scope.cancelled_caught
+            # printed before shutting down (a cancelled engine may take a while to stop)
+            print(json.dumps(out), flush=True)
         tg.cancel_scope.cancel()
-    _, trajs, _ = recover(tmp / "data")
+    return out
+
+
+def _summarise(trajs: list[Any], tasks: list[dict[str, Any]], samples: int,
+               wall: float) -> dict[str, Any]:
     f1s, ems, searched, hit_any, answered, turns = [], [], [], [], [], []
     samples_out = []
     by_hops: dict[str, list[float]] = {}
@@ -106,7 +116,6 @@ async def measure(tasks: list[dict[str, Any]], model_dir: Path, *, concurrency: 
     return {
         "tasks": len(tasks), "samples": samples, "rollouts": len(f1s),
         "f1": _mean_se(f1s), "em": _mean_se(ems),
-        "stopped_early": scope.cancelled_caught,
         "share_answered": _mean_se(answered)[0],
         "share_with_own_search": _mean_se(searched)[0],
         "share_own_search_hit": _mean_se(hit_any)[0],
@@ -125,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=40)
+    p.add_argument("--offset", type=int, default=0, help="skip the first N held-out tasks")
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M) or a path")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--no-initial-search", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--time-limit", type=float, default=270.0,
                    help="seconds; rollouts not done by then are left out")
     args = p.parse_args(argv)
@@ -144,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(args.model)
     _, test = dataset()
     tasks = [{**t, "initial_search": not args.no_initial_search,
-              "temperature": args.temperature} for t in test[: args.tasks]]
+              "temperature": args.temperature} for t in test[args.offset : args.offset + args.tasks]]
     out = anyio.run(functools.partial(measure, tasks, model_dir, concurrency=args.concurrency,
                                       samples=args.samples, time_limit_s=args.time_limit),
                     backend="asyncio")
-    print(json.dumps({**out, "initial_search": not args.no_initial_search,
-                      "temperature": args.temperature}))
+    print(json.dumps({"initial_search": not args.no_initial_search,
+                      "temperature": args.temperature, "offset": args.offset}))
     return 0
 
 
