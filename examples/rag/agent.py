@@ -69,8 +69,8 @@ INSTRUCTIONS = (
 FEW_SHOT: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
     ("In which country is Quarvel Foods headquartered?", (
         ("In which country is Quarvel Foods headquartered?",
-         "Quarvel Foods: Quarvel Foods is a company founded in 1961 by Orlen Tasky. Its "
-         "headquarters are in Mirrow."),
+         ("Quarvel Foods: Quarvel Foods is a company founded in 1961 by Orlen Tasky. Its "
+          "headquarters are in Mirrow.")),
         ("Mirrow", "Mirrow: Mirrow is a river city in Pelladia."),
     ), "Pelladia"),
 )

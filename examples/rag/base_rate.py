@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     _, test = dataset()
     tasks = [{**t, "initial_search": not args.no_initial_search,
               "temperature": args.temperature} for t in test[args.offset : args.offset + args.tasks]]
-    out = anyio.run(functools.partial(measure, tasks, model_dir, concurrency=args.concurrency,
+    anyio.run(functools.partial(measure, tasks, model_dir, concurrency=args.concurrency,
                                       samples=args.samples, time_limit_s=args.time_limit),
                     backend="asyncio")
     print(json.dumps({"initial_search": not args.no_initial_search,

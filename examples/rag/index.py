@@ -212,8 +212,7 @@ def build_index(corpus: str | os.PathLike[str] | Iterable[dict[str, Any]],
             df[: len(vocab)] += np.bincount(pairs % len(vocab), minlength=len(vocab))
             flat.tofile(tok_f)
             lengths.append(lens)
-            for p in chunk:
-                cf.write(json.dumps(p, ensure_ascii=False) + "\n")
+            cf.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in chunk)
             peak_anon = max(peak_anon, _rss_anon_mb())
     if not lengths:
         tmp_tokens.unlink()

@@ -150,8 +150,7 @@ def write(directory: Path = DATA_DIR, *, seed: int = 0) -> dict[str, int]:
     counts = {}
     for name, rows in (("corpus", corpus), ("train", train), ("test", test)):
         with open(directory / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         counts[name] = len(rows)
     return counts
 

@@ -14,7 +14,7 @@ import string
 from collections import Counter
 from collections.abc import Iterable
 
-__all__ = ["exact_match", "f1", "normalize_answer", "best_em", "best_f1"]
+__all__ = ["best_em", "best_f1", "exact_match", "f1", "normalize_answer"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
