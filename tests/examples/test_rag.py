@@ -371,13 +371,7 @@ async def test_agents_sdk_tool_loop_on_the_scripted_engine(scripted_stack, strea
     for a, b in zip(traj.transitions, traj.transitions[1:]):
         prev = list(unpack_ids(a.prompt_ids)) + list(unpack_ids(a.response_ids))
         merged.append(list(unpack_ids(b.prompt_ids))[: len(prev)] == prev)
-    if stream and not all(merged):
-        # Known gap, outside this example: streamed, the text before a tool call reaches
-        # the SDK with the newline the template puts before <tool_call> ("Let me
-        # check.\n"); sent back, it renders with a second newline, so turn 3's prompt does
-        # not extend turn 2's sample and the trajectory splits there. Not streamed, the
-        # content is stripped and the turns merge.
-        pytest.xfail("streamed content before a tool call keeps its trailing newline")
+    # (streamed too: streamed content before a tool call equals the non-streamed content)
     assert all(merged)
 
 
