@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import msgspec
 import torch
@@ -79,8 +79,8 @@ class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     torch backend computes the reference log-probs itself (one no-grad forward per step;
     memory: one more copy of the weights, none with LoRA, whose reference is the model
     with the adapter disabled); ``batch.ref_logprobs``, when given, are used instead. The
-    DeepSpeed and verl backends keep no reference: with ``kl_coef > 0`` they need
-    ``batch.ref_logprobs`` and fail the step, saying so, without them."""
+    DeepSpeed and verl backends keep no reference: ``kl_coef > 0`` fails at their setup
+    unless ``kl_reference = "batch"`` says every batch brings ``ref_logprobs``."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator (see :mod:`lightning.algorithms.kl`)."""
     temperature: float = 1.0
@@ -102,6 +102,30 @@ class TrainSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(
                 f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm}"
+            )
+
+
+class NoReferenceSettings(TrainSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of a backend that keeps no reference policy (DeepSpeed, verl)."""
+
+    backend_name: ClassVar[str] = "this"
+
+    kl_reference: Literal["batch"] | None = None
+    """This backend keeps no reference policy. ``kl_coef > 0`` needs ``kl_reference =
+    "batch"``: every batch then carries its own ``ref_logprobs`` (computed by your code and
+    passed through the Python API; lightning's trainer never fills them), and a batch
+    without them fails its step. Without it, ``kl_coef > 0`` fails at setup, before any
+    rollout is spent (use the torch backend, which keeps the initial weights as the
+    reference)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_coef > 0 and self.kl_reference != "batch":
+            raise ValueError(
+                f"kl_coef={self.kl_coef} needs a reference policy, which the "
+                f"{self.backend_name} backend does not keep: set kl_coef = 0, train with the "
+                "torch backend (it keeps the initial weights as the reference), or set "
+                'kl_reference = "batch" and give every batch its ref_logprobs'
             )
 
 

@@ -72,7 +72,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -81,8 +81,8 @@ from lightning._errors import BackendError, ConfigError
 from lightning.training.batch import TrainBatch, split_by_token_budget
 
 from ._common import (
+    NoReferenceSettings,
     StepSums,
-    TrainSettings,
     as_settings,
     action_logprobs,
     agg_units,
@@ -117,11 +117,13 @@ _CMD_KEY = "lightning/deepspeed/cmd/"
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-class DeepSpeedBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DeepSpeedBackendConfig(NoReferenceSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of :class:`DeepSpeedBackend` (load with ``msgspec.toml.decode(data, type=...)``).
 
     The loss fields mean the same as in ``TorchBackendConfig``.
     """
+
+    backend_name: ClassVar[str] = "deepspeed"
 
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage: 0 = plain data parallel, 1 = optimizer states, 2 = + gradients,

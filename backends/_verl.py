@@ -53,7 +53,7 @@ import time
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -65,7 +65,7 @@ from lightning.algorithms.ppo import ppo_clip_loss
 from lightning.training.batch import TrainBatch, select_sequences
 
 from ._common import (
-    TrainSettings,
+    NoReferenceSettings,
     as_settings,
     check_batch,
     require_ref_logprobs,
@@ -95,8 +95,10 @@ _VERL_DIR = "verl"
 _FORMAT = 1
 
 
-class VerlBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class VerlBackendConfig(NoReferenceSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of :class:`VerlBackend` (load with ``msgspec.toml.decode(data, type=...)``)."""
+
+    backend_name: ClassVar[str] = "verl"
 
     verl_policy_loss: str | None = None
     """Use verl's ``ppo_loss`` with this registered policy loss instead (``vanilla``,

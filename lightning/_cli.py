@@ -69,6 +69,15 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="extra model names accepted (repeatable), e.g. gpt-4o-mini")
     g.add_argument("--accept-any-model", action="store_true",
                    help="serve the policy whatever model name a request gives")
+    g.add_argument("--rollout-start-wait-s", type=float, default=5.0, metavar="S",
+                   help="how long a request naming a rollout the daemon does not know yet "
+                   "waits for its start to arrive from the app's runtime before a 404")
+    g.add_argument("--max-stored-responses", type=int, default=10_000, metavar="N",
+                   help="Responses API turns kept for previous_response_id (LRU)")
+    g.add_argument("--max-stored-response-bytes", type=int, default=256 << 20, metavar="B",
+                   help="bytes of stored Responses API turns (LRU)")
+    g.add_argument("--stored-response-ttl-s", type=float, default=3600.0, metavar="S",
+                   help="a stored response expires this long after its last use")
     g.add_argument("--http-host", default="127.0.0.1")
     g.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
     g.add_argument("--api-key", default=os.environ.get("LIGHTNING_API_KEY"),
@@ -163,6 +172,12 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         from ._transport.zmq import check_bind
 
         check_bind(config.bind, config.curve_secret_key_file, config.curve_authorized_keys)
+        for flag in ("rollout_start_wait_s", "max_stored_responses",
+                     "max_stored_response_bytes", "stored_response_ttl_s"):
+            value = getattr(args, flag)
+            if not value >= 0 or value == float("inf"):
+                raise ConfigError(f"--{flag.replace('_', '-')} must be a finite number >= 0, "
+                                  f"got {value}")
         if args.model != "none" and not args.api_key and not _is_loopback_host(args.http_host):
             raise ConfigError(
                 f"refusing to serve HTTP on {args.http_host!r} without --api-key: it is "
@@ -366,6 +381,10 @@ async def _serve_policy(tg, daemon, args: argparse.Namespace):
         otlp=not args.no_otlp,
         # a restarted daemon is not ready (GET /ready: 503) before its checkpoint is loaded
         hold_ready=not args.ingest_only,
+        rollout_start_wait_s=args.rollout_start_wait_s,
+        max_stored_responses=args.max_stored_responses,
+        max_stored_response_bytes=args.max_stored_response_bytes,
+        stored_response_ttl_s=args.stored_response_ttl_s,
     )
     return await tg.start(server.serve), engine, path, server
 

@@ -265,6 +265,8 @@ class Daemon:
         self._first_seen: dict[str, float] = {}  # open rollout -> when first seen (TTL)
         self._expiry_id = "expiry-" + self.daemon_id  # the stream of expiry ends
         self._expiry_seq = 0
+        # rollout id -> set once it is open or finished (LocalCapture.wait_open)
+        self._start_waiters: dict[str, _Waiting] = {}
 
     # ------------------------------------------------------------------ service
 
@@ -390,7 +392,14 @@ class Daemon:
         result = self.state.apply(Batch(client_id=self._local_id, first_seq=seq, events=[event]))
         for traj in result.completed:
             self._completed(traj)
+        if self._start_waiters:
+            self._wake_start_waiters()
         return result.rejected[0] if result.rejected else None
+
+    def _wake_start_waiters(self) -> None:
+        state = self.state
+        for rid in [r for r in self._start_waiters if r in state.open or r in state.finished]:
+            self._start_waiters.pop(rid).event.set()
 
     def _store(self, frame: bytes | memoryview) -> None:
         """Append a frame to the write-ahead log; raise ``OSError`` (nothing appended) if
@@ -585,6 +594,14 @@ class Daemon:
                 return self._on_batch(peer, msg, encode_message(msg) if repaired else frame)
             case Hello():
                 return self._on_hello(peer, msg)
+            case Ping() if peer not in self._sessions:
+                # A connection this daemon has no session for (it restarted, or forgot a
+                # silent peer): answering Pong would tell a client whose frames died with
+                # the old daemon that all is well, and with its window full of those
+                # frames it would wait for their acks forever. Told to say Hello, it
+                # resends them.
+                return self._nack("no_session", "say Hello first: this daemon has no "
+                                  "session for this connection", retry=True)
             case Ping():
                 return encode_message(Pong(sent_at=msg.sent_at))
             case _:
@@ -698,6 +715,8 @@ class Daemon:
         result = state.apply(batch)
         for traj in result.completed:
             self._completed(traj)
+        if self._start_waiters:
+            self._wake_start_waiters()
         if result.rejected:
             for r in result.rejected[:5]:
                 logger.warning(
@@ -706,6 +725,16 @@ class Daemon:
         return encode_message(
             Ack(client_id=cid, acked_through=result.acked_through, rejected=result.rejected)
         )
+
+
+class _Waiting:
+    """Requests waiting for one rollout to open."""
+
+    __slots__ = ("event", "n")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.n = 0
 
 
 class LocalCapture:
@@ -723,8 +752,47 @@ class LocalCapture:
         """The daemon this capture stores into (OTLP ingest stores there too)."""
         return self._daemon
 
+    max_start_waiters = 1024
+    """Most rollout ids requests may wait on at once (:meth:`wait_open`)."""
+
     def is_open(self, rollout_id: str) -> bool:
         return rollout_id in self._daemon.state.open
+
+    async def wait_open(self, rollout_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``rollout_id`` to be open; whether it is.
+
+        For a client that names a rollout the app's runtime started: the runtime holds a
+        rollout's start back with its other events (up to ``open_linger_s``), so an HTTP
+        call naming it can reach the server first. A rollout that already finished is not
+        waited for (it will not open again), and neither is one when
+        :attr:`max_start_waiters` other ids are waited on (counted:
+        ``capture_start_waiters_full``); a wait that times out is counted
+        (``capture_start_wait_timeouts``).
+        """
+        d = self._daemon
+        if rollout_id in d.state.open:
+            return True
+        if rollout_id in d.state.finished or timeout <= 0:
+            return False
+        waiting = d._start_waiters.get(rollout_id)
+        if waiting is None:
+            if len(d._start_waiters) >= self.max_start_waiters:
+                d.counters["capture_start_waiters_full"] += 1
+                return False
+            waiting = d._start_waiters[rollout_id] = _Waiting()
+        waiting.n += 1
+        d.counters["capture_start_waits"] += 1
+        try:
+            with anyio.move_on_after(timeout):
+                await waiting.event.wait()
+        finally:
+            waiting.n -= 1
+            if waiting.n == 0 and d._start_waiters.get(rollout_id) is waiting:
+                del d._start_waiters[rollout_id]  # timed out (or cancelled): forget it
+        if rollout_id in d.state.open:
+            return True
+        d.counters["capture_start_wait_timeouts"] += 1
+        return False
 
     def find(self, rollout_id: str) -> tuple[Trajectory, bool] | None:
         """A rollout the daemon holds in memory, as ``(trajectory, used by training)``: an
@@ -752,12 +820,15 @@ class LocalCapture:
             raise ProtocolError(rejection.reason, code=rejection.code)
 
     def _recorded(self, rollout_id: str) -> int:
-        """Transitions recorded so far in the open rollout ``rollout_id``."""
-        o = self._daemon.state.open.get(rollout_id)
-        if o is None:
+        """Transitions server-side capture recorded so far in the open ``rollout_id``:
+        its own count, the numbering of its transitions, rewards and end (a rollout the
+        app's runtime started numbers the runtime's transitions apart; see
+        :mod:`lightning._ingest`)."""
+        n = self._daemon.state.next_index(rollout_id, self._daemon._local_id)
+        if n is None:
             raise ProtocolError(f"rollout {rollout_id} is not open (unknown, or it ended "
                                 "while this request ran)", code="unknown_rollout")
-        return len(o.transitions)
+        return n
 
     def start_rollout(self, *, rollout_id: str, name: str, group_key: str | None,
                       attempt: int, metadata: dict[str, Any]) -> None:

@@ -2,6 +2,24 @@
 
 Pure and deterministic: it does no I/O, so replaying the write-ahead log through it after
 a crash rebuilds exactly the state the daemon had acknowledged.
+
+Several sources, one rollout
+    A rollout's events may come from more than one client: the app's runtime (the
+    ``openai`` calls it captured, its rewards and spans) and the daemon's own server-side
+    capture (a raw HTTP client naming the runtime's rollout on a per-rollout URL or the
+    ``X-Lightning-Rollout-Id`` header). Each source numbers the transitions *it* records
+    (``Transition.index``, ``Reward.after``, ``Span.after``, ``RolloutEnd.n_transitions``
+    count that source's transitions only): neither can know how many the other recorded,
+    since the runtime holds its events back for up to ``open_linger_s`` while the server
+    stores at once. So the order check is per source, and a rollout's end is checked
+    against what its sender recorded. When the rollout ends, the sources' transitions are
+    interleaved by the time each was recorded (``created_at``; each source's own order is
+    kept whatever the clocks say), renumbered 0, 1, 2... in that order, and every
+    reward's and span's ``after`` is moved to the same place in the merged order (after
+    its own source's transitions before it, and after the other sources' transitions
+    recorded no later than it). That order is exact for calls made one after another on
+    one host (or on hosts with synchronised clocks); calls that overlapped in time have
+    no order to keep. A rollout with a single source is stored exactly as it arrived.
 """
 
 # No `from __future__ import annotations`: msgspec resolves these annotations at
@@ -62,7 +80,8 @@ class GapError(Exception):
 
 
 class _Open:
-    __slots__ = ("start", "client_id", "transitions", "rewards", "spans")
+    __slots__ = ("start", "client_id", "transitions", "rewards", "spans", "transition_sources",
+                 "reward_sources", "span_sources", "counts")
 
     def __init__(self, start: RolloutStart, client_id: str) -> None:
         self.start = start
@@ -70,6 +89,15 @@ class _Open:
         self.transitions: list[Transition] = []
         self.rewards: list[Reward] = []
         self.spans: list[Span] = []
+        # the client each event came from (parallel lists), and transitions per client
+        self.transition_sources: list[str] = []
+        self.reward_sources: list[str] = []
+        self.span_sources: list[str] = []
+        self.counts: dict[str, int] = {}
+
+    def recorded_by(self, client_id: str) -> int:
+        """Transitions stored in this rollout from ``client_id``."""
+        return self.counts.get(client_id, 0)
 
 
 class _OpenRollout(msgspec.Struct, kw_only=True):
@@ -78,6 +106,11 @@ class _OpenRollout(msgspec.Struct, kw_only=True):
     transitions: list[Transition]
     rewards: list[Reward]
     spans: list[Span]
+    # The source of each event (new in format 1's schema: a snapshot without them is
+    # one whose events all came from ``client_id``).
+    transition_sources: list[str] = []
+    reward_sources: list[str] = []
+    span_sources: list[str] = []
 
 
 class Snapshot(msgspec.Struct, kw_only=True):
@@ -123,7 +156,11 @@ class IngestState:
             wal_from=wal_from,
             hwm=dict(self.hwm),
             open=[_OpenRollout(start=o.start, client_id=o.client_id, transitions=o.transitions,
-                               rewards=o.rewards, spans=o.spans) for o in self.open.values()],
+                               rewards=o.rewards, spans=o.spans,
+                               transition_sources=_foreign(o.transition_sources, o.client_id),
+                               reward_sources=_foreign(o.reward_sources, o.client_id),
+                               span_sources=_foreign(o.span_sources, o.client_id))
+                  for o in self.open.values()],
             finished=list(self.finished),
             completed=self.completed,
             counters=dict(self.counters),
@@ -138,6 +175,15 @@ class IngestState:
         for o in snap.open:
             op = _Open(o.start, o.client_id)
             op.transitions, op.rewards, op.spans = o.transitions, o.rewards, o.spans
+
+            def sources(given: list[str], n: int, owner: str = o.client_id) -> list[str]:
+                return list(given) if len(given) == n else [owner] * n
+
+            op.transition_sources = sources(o.transition_sources, len(o.transitions))
+            op.reward_sources = sources(o.reward_sources, len(o.rewards))
+            op.span_sources = sources(o.span_sources, len(o.spans))
+            for src in op.transition_sources:
+                op.counts[src] = op.counts.get(src, 0) + 1
             state.open[o.start.rollout_id] = op
         state.finished = OrderedDict.fromkeys(snap.finished)
         state.completed = snap.completed
@@ -216,17 +262,25 @@ class IngestState:
         match event:
             case Transition():
                 o = self._get_open(event)
-                if event.index != len(o.transitions):
+                expected = o.recorded_by(cid)
+                if event.index != expected:
                     raise ProtocolError(
                         f"transition index {event.index} of rollout {event.rollout_id} is "
-                        f"out of order: expected {len(o.transitions)}",
+                        f"out of order: expected {expected} (the number of transitions this "
+                        "client recorded in it before)",
                         code="transition_order",
                     )
                 o.transitions.append(event)
+                o.transition_sources.append(cid)
+                o.counts[cid] = expected + 1
             case Reward():
-                self._get_open(event).rewards.append(event)
+                o = self._get_open(event)
+                o.rewards.append(event)
+                o.reward_sources.append(cid)
             case Span():
-                self._get_open(event).spans.append(event)
+                o = self._get_open(event)
+                o.spans.append(event)
+                o.span_sources.append(cid)
             case RolloutStart():
                 rid = event.rollout_id
                 if rid in self.open or rid in self.finished:
@@ -241,17 +295,33 @@ class IngestState:
                 self.finished[event.rollout_id] = None
                 if len(self.finished) > self.max_finished:
                     self.finished.popitem(last=False)
-                return self._assemble(o, event)
+                return self._assemble(o, event, cid)
         return None
 
-    def _assemble(self, o: _Open, end: RolloutEnd) -> Trajectory:
+    def next_index(self, rollout_id: str, client_id: str) -> int | None:
+        """The index ``client_id``'s next transition in the open ``rollout_id`` must have
+        (None if it is not open)."""
+        o = self.open.get(rollout_id)
+        return None if o is None else o.recorded_by(client_id)
+
+    def _assemble(self, o: _Open, end: RolloutEnd, cid: str) -> Trajectory:
         warnings = []
-        if end.n_transitions != len(o.transitions):
+        total = len(o.transitions)
+        own = o.recorded_by(cid)
+        # The end counts its sender's transitions; one from a client that recorded none
+        # may count them all (the daemon's expiry ends do).
+        if not (end.n_transitions == own or (own == 0 and end.n_transitions == total)):
+            others = total - own
             warnings.append(
-                f"client recorded {end.n_transitions} transitions, {len(o.transitions)} "
-                "were stored (the others were rejected)"
+                f"client recorded {end.n_transitions} transitions, {own} of them were stored "
+                "(the others were rejected)"
+                + (f"; {others} more were stored from other sources" if others else "")
             )
             self.counters["trajectories_incomplete"] += 1
+        transitions, rewards, spans = o.transitions, o.rewards, o.spans
+        if len({*o.transition_sources, *o.reward_sources, *o.span_sources}) > 1:
+            transitions, rewards, spans = _interleave(o)
+            self.counters["trajectories_multi_source"] += 1
         s = o.start
         traj = Trajectory(
             index=self.completed,
@@ -267,11 +337,64 @@ class IngestState:
             error=end.error,
             started_at=s.started_at,
             ended_at=end.ended_at,
-            transitions=o.transitions,
-            rewards=o.rewards,
-            spans=o.spans,
+            transitions=transitions,
+            rewards=rewards,
+            spans=spans,
             warnings=warnings,
         )
         self.completed += 1
         self.counters["trajectories_completed"] += 1
         return traj
+
+
+def _foreign(sources: list[str], owner: str) -> list[str]:
+    """``sources`` for a snapshot: empty when every event came from ``owner`` (the
+    common case; read back as all ``owner``)."""
+    return sources if any(src != owner for src in sources) else []
+
+
+def _interleave(o: _Open) -> tuple[list[Transition], list[Reward], list[Span]]:
+    """The transitions of several sources in the order they were recorded, renumbered,
+    with rewards and spans placed where they were emitted (see the module docstring).
+
+    A merge, not a sort: each source's transitions stay in its own order, and at each step
+    the source whose next transition was recorded earliest goes first (ties: the one that
+    arrived first).
+    """
+    queues: dict[str, list[int]] = {}
+    for pos, src in enumerate(o.transition_sources):
+        queues.setdefault(src, []).append(pos)
+    heads = dict.fromkeys(queues, 0)
+    order: list[int] = []
+    while len(order) < len(o.transitions):
+        best = None
+        for src, q in queues.items():
+            h = heads[src]
+            if h < len(q) and (best is None or
+                               (o.transitions[q[h]].created_at, q[h]) < best[0]):
+                best = ((o.transitions[q[h]].created_at, q[h]), src)
+        assert best is not None
+        src = best[1]
+        order.append(queues[src][heads[src]])
+        heads[src] += 1
+    merged_src = [o.transition_sources[p] for p in order]
+    times = [o.transitions[p].created_at for p in order]
+    transitions = [msgspec.structs.replace(o.transitions[p], index=i)
+                   for i, p in enumerate(order)]
+    mine: dict[str, list[int]] = {}  # source -> merged positions of its transitions
+    for i, src in enumerate(merged_src):
+        mine.setdefault(src, []).append(i)
+
+    def place(src: str, after: int, at: float) -> int:
+        own = mine.get(src, [])
+        k = min(after, len(own))
+        p = own[k - 1] + 1 if k > 0 else 0
+        while p < len(transitions) and merged_src[p] != src and times[p] <= at:
+            p += 1
+        return p
+
+    rewards = [msgspec.structs.replace(r, after=place(src, r.after, r.created_at))
+               for r, src in zip(o.rewards, o.reward_sources)]
+    spans = [msgspec.structs.replace(sp, after=place(src, sp.after, sp.end_time))
+             for sp, src in zip(o.spans, o.span_sources)]
+    return transitions, rewards, spans

@@ -104,6 +104,7 @@ class RolloutContext:
         "_n_transitions",
         "_finished",
         "_otel",
+        "_shared",
     )
 
     def __init__(
@@ -126,10 +127,51 @@ class RolloutContext:
         self._n_transitions = 0
         self._finished = False
         self._otel: Any = None
+        self._shared = False
 
     @property
     def n_transitions(self) -> int:
+        """Transitions this process recorded in the rollout (its ``openai`` calls and
+        :func:`record_transition`); calls captured server-side are not counted here."""
         return self._n_transitions
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``{"X-Lightning-Rollout-Id": rollout_id}``: the header that makes the policy
+        server capture a call of any HTTP client (not the ``openai`` package: httpx,
+        another language) into this rollout.
+
+        Reading it (or :attr:`base_url`) sends the rollout's start to the daemon at once
+        (within ``linger_s``) instead of with the rollout's other events (up to
+        ``open_linger_s``), so the first such call need not wait for it. The server
+        waits for a start that has not arrived yet anyway (``rollout_start_wait_s``), so
+        naming :attr:`rollout_id` directly works too, only the first call may be slower.
+        """
+        self._share()
+        return {"X-Lightning-Rollout-Id": self.rollout_id}
+
+    @property
+    def base_url(self) -> str:
+        """The policy server's per-rollout OpenAI base URL for this rollout
+        (``.../rollouts/{id}/v1``, from :func:`lightning.llm`): every call made to it is
+        captured server-side into this rollout, once (an ``openai`` client pointed at it
+        is not captured a second time in the app). See :attr:`headers`."""
+        from urllib.parse import quote
+
+        from ._lifecycle import llm
+
+        self._share()
+        root = llm().base_url.rstrip("/")
+        if root.endswith("/v1"):
+            root = root[: -len("/v1")]
+        return f"{root}/rollouts/{quote(self.rollout_id, safe='')}/v1"
+
+    def _share(self) -> None:
+        if not self._shared:
+            self._shared = True
+            rt = get_runtime()
+            if rt is not None:
+                rt.send_soon()
 
     @property
     def finished(self) -> bool:

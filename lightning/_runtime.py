@@ -323,6 +323,26 @@ class Runtime:
         if wake:
             self._notify()
 
+    def send_soon(self) -> None:
+        """Send everything recorded so far within ``linger_s``, as if a rollout ended.
+
+        For a rollout whose id is handed to another client (a raw HTTP client naming it
+        on a per-rollout URL or header, :attr:`RolloutContext.headers`): the daemon
+        refuses server-side capture into a rollout whose start it has not received, and
+        the start would otherwise wait up to ``open_linger_s`` with the rollout's other
+        events. Cheap: no I/O here, the sender is woken if it lingers.
+        """
+        with self._lock:
+            last = self._next_seq - 1
+            if last <= self._urgent_seq:
+                return
+            self._urgent_seq = last
+            wake = self._lingering_open
+            if wake:
+                self._lingering_open = False
+        if wake:
+            self._notify()
+
     def _take_seq(self) -> int:
         seq = self._next_seq
         self._next_seq = seq + 1

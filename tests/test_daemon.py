@@ -130,6 +130,18 @@ def test_batch_before_hello_is_refused(h):
     assert nack.code == "no_session" and nack.retry
 
 
+def test_ping_without_a_session_is_told_to_say_hello(h):
+    """A restarted daemon must not answer Pong to a client whose frames died with the old
+    one: its window full of them, it would wait for their acks forever (the kill -9 test
+    stalled this way). Told no_session, it says Hello and resends."""
+    nack = h.send(encode_message(Ping(sent_at=1.0)))
+    assert isinstance(nack, Nack) and nack.code == "no_session" and nack.retry
+    h.hello()
+    assert h.send(encode_message(Ping(sent_at=2.0))) == Pong(sent_at=2.0)
+    h.daemon.forget_peer(PEER)  # a silent peer forgotten: the same again
+    assert h.send(encode_message(Ping(sent_at=3.0))).code == "no_session"
+
+
 def test_wrong_protocol_version_gets_error(h):
     err = h.hello(version=PROTOCOL_VERSION + 1)
     assert isinstance(err, Error) and err.code == "protocol_version"

@@ -65,6 +65,15 @@ Contract with the policy server (vLLM field names)
     id count records the ids without log-probs, ``trainable=False`` and
     ``untrainable_reason``; nothing is re-tokenized or guessed.
 
+Calls that name their rollout
+    A call whose client is pointed at a per-rollout URL of the policy server
+    (``/rollouts/{id}/v1``, :attr:`lightning.RolloutContext.base_url`) or that sends the
+    ``X-Lightning-Rollout-Id`` header (``default_headers``/``extra_headers``) is not
+    recorded here: the server captures it into the rollout it names (or refuses it with a
+    404), so it is stored exactly once, in that rollout, whichever rollout the app is in.
+    The daemon numbers and orders such calls with the app's own (see
+    :mod:`lightning._ingest`).
+
 Outside a rollout
     Nothing is recorded, unless an OpenTelemetry bridge
     (:class:`lightning.otel.LightningSpanProcessor`) registered a call-span sink with
@@ -85,12 +94,13 @@ from __future__ import annotations
 import contextvars
 import copy
 import functools
+import re
 import sys
 import threading
 import time
 import types
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -364,6 +374,8 @@ def _begin(
             # Recorded later, after the app may have changed its own lists: snapshot now.
             request = msgspec.to_builtins(request, enc_hook=repr, str_keys=True)
         base_url, token_ids = _target(client.base_url)
+        if _names_rollout(base_url, options, client):
+            return None  # the server that serves it captures it: once
         if token_ids:
             options = options.model_copy() if hasattr(options, "model_copy") else copy.copy(options)
             options.json_data = _inject(endpoint, body)
@@ -380,6 +392,27 @@ def _begin(
 
 
 _targets: dict[int, tuple[Any, tuple[str, ...], str, bool]] = {}
+_ROLLOUT_URL = re.compile(r"/rollouts/[^/]+/v1(/|$)")
+_ROLLOUT_HEADER = "x-lightning-rollout-id"
+
+
+def _names_rollout(base_url: str, options: Any, client: Any) -> bool:
+    """Whether the request names its rollout on the wire: a per-rollout base URL
+    (``/rollouts/{id}/v1``, or such an absolute request URL) or the
+    ``X-Lightning-Rollout-Id`` header (the client's or the call's). The policy server
+    captures such a call itself (or refuses it): recording it here too would store it
+    twice."""
+    if "/rollouts/" in base_url and _ROLLOUT_URL.search(base_url):
+        return True
+    url = str(getattr(options, "url", ""))
+    if "/rollouts/" in url and _ROLLOUT_URL.search(url):
+        return True
+    for headers in (getattr(options, "headers", None), getattr(client, "_custom_headers", None)):
+        if isinstance(headers, Mapping) and headers:
+            for k, v in headers.items():
+                if isinstance(k, str) and k.lower() == _ROLLOUT_HEADER and isinstance(v, str):
+                    return True
+    return False
 
 
 def _target(url: Any) -> tuple[str, bool]:

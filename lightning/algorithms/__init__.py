@@ -11,6 +11,16 @@ torch. One file per algorithm (credit assignment and AIR are pure Python):
   :mod:`.aggregate`: token-mean / seq-mean-token-mean / seq-mean-token-sum.
 
 Packed layout everywhere: 1-D ``[T]`` tensors, ``cu_seqlens[B + 1]`` offsets, action ``mask[T]``.
+
+What production runs: the batcher's estimators (``grpo``, ``grpo_no_std``, ``rloo``,
+``reinforce_pp``) call :mod:`.grpo`, :mod:`.rloo` and :mod:`.reinforce_pp` here, and the
+trainer's stale-sequence weights call :mod:`.ppo`'s ``truncated_is_weights``, so the verl
+parity tests cover what trains. Two functions are library API only, on purpose:
+``gae_advantages`` needs a value model, which no backend trains (there is no critic), and
+``reinforce_pp_token_advantages`` differs from the sequence-level estimator only when
+per-token rewards (a KL-in-reward term) are given, which the batcher does not make (its KL
+is a loss term). Both keep their verl-parity tests for users who bring a critic or token
+rewards to their own loop.
 """
 
 from lightning.algorithms.aggregate import (

@@ -51,6 +51,7 @@ __all__ = [
     "SamplingParams",
     "WeightUpdateError",
     "Weights",
+    "apply_weights",
     "check_request",
     "check_weight_shapes",
     "collect_stream",
@@ -453,6 +454,33 @@ def eos_ids(sources: Iterable[Any]) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return frozenset(ids)
+
+
+def apply_weights(model: Any, weights: Weights) -> None:
+    """Load ``weights`` into a torch ``model`` in place (under no-grad): a state dict (a
+    subset of ``state_dict()`` names, shapes checked) or a function of the model.
+
+    Raises:
+        WeightUpdateError: an unknown name or shape, or the function failed.
+    """
+    import torch
+
+    with torch.no_grad():
+        if callable(weights):
+            try:
+                weights(model)
+            except Exception as exc:
+                raise WeightUpdateError(
+                    f"the weight-update function failed ({exc!r}); the model may be "
+                    "partially updated and the version was not bumped"
+                ) from exc
+            return
+        targets = dict(model.named_parameters(remove_duplicate=False))
+        targets.update(model.named_buffers(remove_duplicate=False))
+        tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
+        check_weight_shapes(tensors, {k: tuple(t.shape) for k, t in targets.items()})
+        for k, t in tensors.items():
+            targets[k].copy_(t)
 
 
 def check_weight_shapes(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -63,8 +63,8 @@ from lightning.engine.base import (
     SamplingParams,
     Weights,
     WeightUpdateError,
+    apply_weights,
     check_request,
-    check_weight_shapes,
     collect_stream,
     enter_serving,
     eos_ids,
@@ -516,15 +516,4 @@ class ScriptedEngine:
                 logger.warning("scripted_engine.weights_not_applied",
                                reason="the scripted engine has no model; only the version moves")
             return
-        import torch
-
-        with torch.no_grad():
-            if callable(weights):
-                weights(self._model)
-                return
-            targets = dict(self._model.named_parameters(remove_duplicate=False))
-            targets.update(self._model.named_buffers(remove_duplicate=False))
-            tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
-            check_weight_shapes(tensors, {k: tuple(t.shape) for k, t in targets.items()})
-            for k, t in tensors.items():
-                targets[k].copy_(t)
+        apply_weights(self._model, weights)

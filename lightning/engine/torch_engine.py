@@ -95,8 +95,8 @@ from lightning.engine.base import (
     SamplingParams,
     Weights,
     WeightUpdateError,
+    apply_weights,
     check_request,
-    check_weight_shapes,
     collect_stream,
     enter_serving,
     eos_ids,
@@ -698,22 +698,7 @@ class TorchEngine:
         return upd.result
 
     def _apply_weights(self, weights: Weights) -> None:
-        with torch.no_grad():
-            if callable(weights):
-                try:
-                    weights(self._model)
-                except Exception as exc:
-                    raise WeightUpdateError(
-                        f"the weight-update function failed ({exc!r}); the model may be "
-                        "partially updated and the version was not bumped"
-                    ) from exc
-                return
-            targets = dict(self._model.named_parameters(remove_duplicate=False))
-            targets.update(self._model.named_buffers(remove_duplicate=False))
-            tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
-            check_weight_shapes(tensors, {k: tuple(t.shape) for k, t in targets.items()})
-            for k, t in tensors.items():
-                targets[k].copy_(t)
+        apply_weights(self._model, weights)
 
     async def _apply_update(self, upd: _Update) -> None:
         upd.started = True

@@ -234,6 +234,9 @@ def responses_input_to_messages(input_: Any, instructions: str | None) -> list[d
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """Split generated text into content and OpenAI ``tool_calls``.
 
+    The content is the text outside the blocks, without trailing whitespace, exactly what
+    :class:`ToolCallStreamFilter` streams for the same text.
+
     A block whose body is not a JSON object with a string ``name`` stays in the content
     (the agent sees what the model wrote; nothing is silently dropped).
     """
@@ -259,7 +262,9 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
             },
         })
     kept.append(text[pos:])
-    content = "".join(kept).strip() if calls else text
+    # only the whitespace before the calls goes (the template writes its own "\n" there):
+    # leading whitespace is the model's, and a streamed reply has already shown it
+    content = "".join(kept).rstrip() if calls else text
     return (content or None) if calls else content, calls
 
 
@@ -282,16 +287,23 @@ class ToolCallStreamFilter:
         start = self._text.find(_OPEN, self._shown)
         if start >= 0:
             self._in_call = True
-            out = self._text[self._shown : start]
-            self._shown = start
+            # whitespace before a call is not content (as in parse_tool_calls); it stays
+            # unshown, so a block that turns out not to be a call still gets it back
+            out = self._text[self._shown : start].rstrip()
+            self._shown += len(out)
             return out
-        # hold back a suffix that could be the start of "<tool_call>"
+        # hold back a suffix that could be the start of "<tool_call>", and trailing
+        # whitespace: streamed content must equal the non-streamed content, which ends
+        # before the whitespace that precedes a call (a client sends it back, and the
+        # chat template must re-render the tokens that were sampled)
         hold = 0
         for k in range(min(len(_OPEN) - 1, len(self._text) - self._shown), 0, -1):
             if self._text.endswith(_OPEN[:k]):
                 hold = k
                 break
         end = len(self._text) - hold
+        while end > self._shown and self._text[end - 1].isspace():
+            end -= 1
         out = self._text[self._shown : end]
         self._shown = end
         return out

@@ -151,7 +151,12 @@ class ResponsesRequest(_Sampling, kw_only=True):
     max_output_tokens: Tokens | None = None
     metadata: Json | None = None
     parallel_tool_calls: bool | None = None
-    previous_response_id: str | None = None
+    previous_response_id: Annotated[str, Meta(min_length=1, max_length=_MAX_ID)] | None = None
+    """Continue the stored response of this id: its input and output come before
+    ``input`` (its ``instructions`` do not carry over, as with OpenAI)."""
+    store: bool | None = None
+    """Keep this response for a later ``previous_response_id`` (None: yes, OpenAI's
+    default). The response says whether it was kept (``"store"``)."""
 
 
 class RolloutStartRequest(_Body, kw_only=True):

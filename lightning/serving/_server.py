@@ -35,7 +35,25 @@ rollout that is not open). A host that is not loopback needs an ``api_key``.
 
 A request may also name its rollout with the header ``X-Lightning-Rollout-Id``: calls of
 clients that are not Python, or do not use the ``openai`` package, land in the same
-trajectory as the runtime's.
+trajectory as the runtime's (the daemon numbers each source's transitions apart and
+interleaves them in call order when the rollout ends: :mod:`lightning._ingest`). The
+runtime holds a rollout's start back with its other events (up to ``open_linger_s``), so
+such a call can arrive before the daemon knows the rollout: a capture route (and
+``/rewards``) then waits up to ``rollout_start_wait_s`` (default 5 s) for a start that may
+be on its way, and only then answers 404 ``rollout_not_found``; a rollout that already
+finished is refused at once. ``RolloutContext.headers``/``.base_url`` make the runtime
+send the start at once. An ``openai`` client pointed at a per-rollout URL (or sending the
+header) inside ``@lightning.rollout`` is captured here only, not in the app as well.
+
+The Responses API keeps responses (``store``, default true, as OpenAI) for
+``previous_response_id``: each turn's input and output items, at most
+``max_stored_responses`` of them and ``max_stored_response_bytes`` bytes (least recently
+used evicted first), each ``stored_response_ttl_s`` after its last use, and one made in a
+rollout no longer than the rollout runs (:class:`ResponseStore`). A chained request's
+prompt is the chain's items, then its own ``input``, under its own ``instructions`` (the
+previous ones do not carry over). An unknown or expired id is a 400
+``previous_response_not_found`` naming it; every response says whether it was kept
+(``"store"``).
 """
 
 from __future__ import annotations
@@ -44,6 +62,7 @@ import hmac
 import math
 import time
 import uuid
+from collections import Counter, OrderedDict
 from urllib.parse import quote
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -167,6 +186,10 @@ class PolicyServer:
         otlp: bool = True,
         max_body_bytes: int = 32 << 20,
         hold_ready: bool = False,
+        rollout_start_wait_s: float = 5.0,
+        max_stored_responses: int = 10_000,
+        max_stored_response_bytes: int = 256 << 20,
+        stored_response_ttl_s: float = 3600.0,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -189,6 +212,13 @@ class PolicyServer:
         self.ready = False
         # the owner sets ``ready`` itself (a daemon: once its checkpoint is loaded)
         self.hold_ready = hold_ready
+        if not math.isfinite(rollout_start_wait_s) or rollout_start_wait_s < 0:
+            raise ValueError(f"rollout_start_wait_s must be >= 0, got {rollout_start_wait_s}")
+        self.rollout_start_wait_s = rollout_start_wait_s
+        is_open = getattr(capture, "is_open", None)
+        self.responses = ResponseStore(max_count=max_stored_responses,
+                                       max_bytes=max_stored_response_bytes,
+                                       ttl_s=stored_response_ttl_s, is_open=is_open)
         self._token_text: dict[int, str] = {}
         self._tokenizer_limiter = anyio.CapacityLimiter(1)
         self.app = self._build_app()
@@ -439,14 +469,33 @@ class PolicyServer:
             sampling=ctx.sampling,
         )
 
-    def _check_capture_target(self, ctx: _Ctx) -> None:
-        if ctx.rollout_id is not None and self.capture is not None:
-            if not self.capture.is_open(ctx.rollout_id):  # type: ignore[attr-defined]
-                raise RequestError(
-                    f"rollout {ctx.rollout_id} is not open: start it with POST /v1/rollouts "
-                    "(and do not reuse finished rollouts)",
-                    code="rollout_not_found", status=404,
-                )
+    async def _check_capture_target(self, ctx: _Ctx) -> None:
+        if ctx.rollout_id is not None:
+            await self._await_open(ctx.rollout_id)
+
+    async def _await_open(self, rid: str) -> None:
+        """Return once rollout ``rid`` is open, waiting up to ``rollout_start_wait_s`` for
+        a start that is on its way (see the module docstring); else a 404.
+
+        Raises:
+            RequestError: 404 ``rollout_not_found``: unknown after the wait, or finished.
+        """
+        capture = self.capture
+        if capture is None:
+            raise RequestError("this server has no capture sink: rollout routes are off",
+                               status=404)
+        if capture.is_open(rid):  # type: ignore[attr-defined]
+            return
+        wait = getattr(capture, "wait_open", None)
+        if wait is not None and self.rollout_start_wait_s > 0:
+            if await wait(rid, self.rollout_start_wait_s):
+                return
+        raise RequestError(
+            f"rollout {rid} is not open (unknown, or already ended; waited "
+            f"{self.rollout_start_wait_s:g} s for its start, rollout_start_wait_s): start it "
+            "with POST /v1/rollouts, or name a rollout of the app's runtime while it runs "
+            "(lightning.current_rollout().headers / .base_url); finished rollouts are not "
+            "reused", code="rollout_not_found", status=404)
 
     # ------------------------------------------------------------------ routes
 
@@ -490,7 +539,7 @@ class PolicyServer:
         return self.engine.apply_chat_template(messages, tools=tools), bool(tools)
 
     async def _chat_impl(self, req: ChatCompletionRequest, ctx: _Ctx) -> Response:
-        self._check_capture_target(ctx)
+        await self._check_capture_target(ctx)
         want_lp = bool(req.logprobs)
         top = (req.top_logprobs or 0) if want_lp else 0
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -632,7 +681,7 @@ class PolicyServer:
             "token-id lists (non-empty)", param="prompt")
 
     async def _completions_impl(self, req: CompletionRequest, ctx: _Ctx) -> Response:
-        self._check_capture_target(ctx)
+        await self._check_capture_target(ctx)
         if req.echo:
             raise RequestError("echo is not supported", param="echo")
         if req.suffix:
@@ -757,8 +806,13 @@ class PolicyServer:
     async def _responses(self, request: Request) -> Response:
         return await self._guard(request, self._responses_impl, "responses", ResponsesRequest)
 
-    def _responses_prompt(self, req: ResponsesRequest) -> tuple[list[int], bool]:
-        messages = responses_input_to_messages(req.input, req.instructions)
+    def _responses_prompt(self, req: ResponsesRequest, items: list[dict[str, Any]],
+                          n_before: int) -> tuple[list[int], bool]:
+        """Token ids of ``items`` (the stored chain's ``n_before`` items, then this
+        request's ``input``); errors name this request's own items."""
+        if n_before:
+            responses_input_to_messages(items[n_before:] or req.input, None)
+        messages = responses_input_to_messages(items, req.instructions)
         self._refuse_overlong(m["content"] for m in messages)
         tools = responses_tools_to_chat(req.tools)
         choice = _responses_tool_choice(msgspec.to_builtins(req.tool_choice))
@@ -769,13 +823,13 @@ class PolicyServer:
         return self.engine.apply_chat_template(messages, tools=tools), bool(tools)
 
     async def _responses_impl(self, req: ResponsesRequest, ctx: _Ctx) -> Response:
-        self._check_capture_target(ctx)
-        if req.previous_response_id:
-            raise RequestError(
-                "previous_response_id is not supported (responses are not stored): send the "
-                "whole conversation as input", param="previous_response_id")
+        await self._check_capture_target(ctx)
         params = self._params(req, max_tokens=req.max_output_tokens, top_logprobs=0)
-        prompt_ids, has_tools = await self._tokenize(self._responses_prompt, req)
+        turn = _input_items(req.input)
+        before = (self.responses.history(req.previous_response_id)
+                  if req.previous_response_id is not None else [])
+        prompt_ids, has_tools = await self._tokenize(self._responses_prompt, req,
+                                                     [*before, *turn], len(before))
         self._check_fits(prompt_ids, params)
         report = _sampling(params, ctx)
         rid = "resp_" + uuid.uuid4().hex
@@ -789,16 +843,28 @@ class PolicyServer:
             "text": msgspec.to_builtins(req.text) if req.text else {"format": {"type": "text"}},
             "metadata": req.metadata or {}, "error": None,
             "incomplete_details": None, "sampling": report,
+            # what the request asked for; the final response says whether it was kept
+            "previous_response_id": req.previous_response_id, "store": req.store is not False,
         }
+
+        def remember(output: list[dict[str, Any]]) -> None:
+            """Keep this turn (``store``, default true): the response says if it was."""
+            if req.store is not False:
+                base["store"] = self.responses.put(rid, req.previous_response_id,
+                                                   [*turn, *output], ctx.rollout_id)
+            else:
+                self.responses.counters["not_kept_store_false"] += 1
+
         if req.stream:
             return self._sse(self._responses_stream(prompt_ids, params, has_tools, base, ctx,
-                                                    req))
+                                                    req, remember))
         result = await self.engine.generate(prompt_ids, params)
         c = result.choices[0]
         output = self._responses_output(c.text, has_tools)
         self._capture(ctx, result.prompt_token_ids, c.token_ids, c.logprobs, c.policy_version,
                       c.finish_reason, {"request": _request_summary(req), "text": c.text,
                                         "tool_calls": _calls_of(output)})
+        remember(output)
         return JSONResponse(self._response_object(base, output, result.prompt_token_ids, c,
                                                   "completed"))
 
@@ -837,7 +903,8 @@ class PolicyServer:
 
     async def _responses_stream(self, prompt_ids: list[int], params: SamplingParams,
                                 has_tools: bool, base: dict[str, Any], ctx: _Ctx,
-                                req: Any) -> AsyncIterator[bytes]:
+                                req: Any, remember: Callable[[list[dict[str, Any]]], None],
+                                ) -> AsyncIterator[bytes]:
         seq = 0
 
         def event(kind: str, **fields: Any) -> bytes:
@@ -895,18 +962,21 @@ class PolicyServer:
             fc = {**fc, "status": "completed"}
             yield event("response.output_item.done", output_index=k, item=fc)
             output.append(fc)
-        final = self._response_object(base, output, prompt_ids, c, "completed")
         self._capture(ctx, prompt_ids, c.token_ids, c.logprobs, c.policy_version,
                       c.finish_reason, {"request": _request_summary(req), "text": c.text,
                                         "tool_calls": _calls_of(output), "stream": True})
+        remember(output)  # before the final event: it says whether it was kept
+        final = self._response_object(base, output, prompt_ids, c, "completed")
         yield event("response.completed" if final["status"] == "completed"
                     else "response.incomplete", response=final)
 
     # server-side rollouts ----------------------------------------------------------
 
     async def _rollout_route(self, request: Request, kind: type[Any],
-                             act: Callable[[Any], dict[str, Any]], status: int = 200) -> Response:
-        """Screen, parse as ``kind``, ``act`` on it (capture into the daemon): JSON reply."""
+                             act: Callable[[Any], dict[str, Any]], status: int = 200,
+                             wait_for: str | None = None) -> Response:
+        """Screen, parse as ``kind``, ``act`` on it (capture into the daemon): JSON reply.
+        With ``wait_for``, that rollout is waited for first (:meth:`_await_open`)."""
         denied = self._screen(request)
         if denied is not None:
             return denied
@@ -914,7 +984,10 @@ class PolicyServer:
             if self.capture is None:
                 raise RequestError("this server has no capture sink: rollout routes are off",
                                    status=404)
-            return JSONResponse(act(await self._read(request, kind)), status_code=status)
+            req = await self._read(request, kind)
+            if wait_for is not None:
+                await self._await_open(wait_for)
+            return JSONResponse(act(req), status_code=status)
         except RequestError as exc:
             return _error(exc.status, str(exc), param=exc.param, code=exc.code)
         except ProtocolError as exc:
@@ -940,7 +1013,7 @@ class PolicyServer:
             self.capture.record_reward(rid, value, name, components)  # type: ignore[union-attr]
             return {"rollout_id": rid, "recorded": True}
 
-        return await self._rollout_route(request, RewardRequest, reward)
+        return await self._rollout_route(request, RewardRequest, reward, wait_for=rid)
 
     async def _rollout_end(self, request: Request) -> Response:
         rid = request.path_params["rollout_id"]
@@ -985,6 +1058,126 @@ class PolicyServer:
         if not self.capture.is_open(rid):  # type: ignore[attr-defined]
             raise RequestError(f"rollout {rid} is not open (unknown or already ended)",
                                code="rollout_not_found", status=404)
+
+
+class _Stored:
+    __slots__ = ("previous", "items", "nbytes", "used_at", "rollout_id")
+
+    def __init__(self, previous: str | None, items: list[dict[str, Any]], nbytes: int,
+                 used_at: float, rollout_id: str | None) -> None:
+        self.previous = previous
+        self.items = items
+        self.nbytes = nbytes
+        self.used_at = used_at
+        self.rollout_id = rollout_id
+
+
+class ResponseStore:
+    """Responses kept for ``previous_response_id`` (the Responses API's ``store``).
+
+    Each entry holds one turn: the items its request added (its ``input``) and its
+    ``output`` items, and the id of the response it continued; a chain is read back by
+    walking those ids, so a conversation of N turns costs O(N) bytes, not O(N^2).
+    Bounded three ways: at most ``max_count`` entries and ``max_bytes`` of items (the
+    least recently used go first, counted ``evicted``), and ``ttl_s`` seconds after its
+    last use an entry is gone (``expired``). An entry made inside a rollout (a
+    per-rollout URL or header) lives no longer than the rollout: once it has ended, the
+    entry is gone too. An unknown, evicted or expired id, or a chain missing a link, is
+    a 400 ``previous_response_not_found`` naming the id and why (OpenAI's status and code).
+    """
+
+    def __init__(self, *, max_count: int, max_bytes: int, ttl_s: float,
+                 is_open: Callable[[str], bool] | None = None) -> None:
+        if max_count < 0 or max_bytes < 0 or not ttl_s >= 0:
+            raise ValueError("max_stored_responses, max_stored_response_bytes and "
+                             "stored_response_ttl_s must be >= 0 (0 keeps nothing)")
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._is_open = is_open
+        self._entries: OrderedDict[str, _Stored] = OrderedDict()
+        self.nbytes = 0
+        self.counters: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _drop(self, rid: str, why: str) -> None:
+        e = self._entries.pop(rid)
+        self.nbytes -= e.nbytes
+        self.counters[why] += 1
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            rid, e = next(iter(entries.items()))
+            if now - e.used_at < self.ttl_s:
+                break
+            self._drop(rid, "expired")
+
+    def put(self, response_id: str, previous: str | None, items: list[dict[str, Any]],
+            rollout_id: str | None) -> bool:
+        """Keep one turn; whether it was kept (a turn over ``max_bytes`` alone is not)."""
+        now = time.monotonic()
+        self._expire(now)
+        nbytes = len(_json.encode(items))
+        if self.max_count == 0 or self.ttl_s == 0 or nbytes > self.max_bytes:
+            self.counters["not_kept_too_large" if nbytes > self.max_bytes else "not_kept"] += 1
+            return False
+        while self._entries and (len(self._entries) >= self.max_count
+                                 or self.nbytes + nbytes > self.max_bytes):
+            self._drop(next(iter(self._entries)), "evicted")
+        self._entries[response_id] = _Stored(previous, items, nbytes, now, rollout_id)
+        self.nbytes += nbytes
+        self.counters["stored"] += 1
+        return True
+
+    def history(self, response_id: str) -> list[dict[str, Any]]:
+        """The items of the chain ending at ``response_id``, oldest first.
+
+        Raises:
+            RequestError: 400 ``previous_response_not_found``: the id (or a response it
+                continues) is unknown, evicted, expired or its rollout ended.
+        """
+        now = time.monotonic()
+        self._expire(now)
+        chain: list[_Stored] = []
+        rid: str | None = response_id
+        while rid is not None:
+            e = self._entries.get(rid)
+            if e is not None and e.rollout_id is not None and self._is_open is not None \
+                    and not self._is_open(e.rollout_id):
+                self._drop(rid, "rollout_ended")
+                e = None
+            if e is None:
+                self.counters["not_found"] += 1
+                link = "" if rid == response_id else f" (it continues {rid}, which is gone)"
+                raise RequestError(
+                    f"previous response {response_id!r} not found{link}: this server keeps "
+                    f"responses made with store=true for {self.ttl_s:g} s after their last "
+                    f"use, at most {self.max_count} of them and {self.max_bytes} bytes, and "
+                    "one made in a rollout only while the rollout runs; send the whole "
+                    "conversation as input instead", param="previous_response_id",
+                    code="previous_response_not_found")
+            chain.append(e)
+            rid = e.previous
+            if len(chain) > len(self._entries):  # cannot happen: ids are never reused
+                raise RequestError(f"previous response {response_id!r} has a cyclic chain",
+                                   param="previous_response_id")
+        items: list[dict[str, Any]] = []
+        for e in reversed(chain):
+            e.used_at = now
+            items.extend(e.items)
+        for e_id in self._chain_ids(response_id):
+            self._entries.move_to_end(e_id)
+        return items
+
+    def _chain_ids(self, response_id: str) -> list[str]:
+        ids, rid = [], response_id
+        while rid is not None and rid in self._entries:
+            ids.append(rid)
+            rid = self._entries[rid].previous
+        return ids[::-1]
 
 
 class _StreamedChoice:
@@ -1043,6 +1236,13 @@ def _usage(result: GenerationResult) -> dict[str, int]:
 def _calls_of(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"id": o["call_id"], "name": o["name"], "arguments": o["arguments"]}
             for o in output if o["type"] == "function_call"]
+
+
+def _input_items(input_: Any) -> list[dict[str, Any]]:
+    """A request's ``input`` as a list of items (a string is one user message)."""
+    if isinstance(input_, str):
+        return [{"type": "message", "role": "user", "content": input_}]
+    return list(input_)
 
 
 def _responses_tool_choice(choice: Any) -> Any:

@@ -131,7 +131,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 #: the short run compared across backends: three micro-batches a step, KL on, clipping on
-RUN = {"lr": 1e-3, "micro_batch_tokens": 40, "kl_coef": 0.1, "max_grad_norm": 0.5, "seed": 0}
+RUN = {"lr": 1e-3, "micro_batch_tokens": 40, "kl_coef": 0.1, "kl_reference": "batch",
+       "max_grad_norm": 0.5, "seed": 0}
 KEYS = ("loss/policy", "loss/kl", "loss/total", "actor/clip_frac", "actor/logprob_gap")
 
 

@@ -68,3 +68,21 @@ def test_backends_without_a_reference_say_so():
     require_ref_logprobs(batch, 0.0, "deepspeed")
     batch.ref_logprobs = torch.zeros(2)
     require_ref_logprobs(batch, 0.1, "deepspeed")
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "verl"])
+def test_kl_without_a_reference_fails_at_setup(backend):
+    """kl_coef > 0 on a backend without a reference is refused when the config is read
+    (``lightning train`` exits 2 before sampling), unless the batches bring ref_logprobs."""
+    from lightning._errors import ConfigError
+    from lightning_backends._common import as_settings
+
+    if backend == "verl":
+        cls = pytest.importorskip("lightning_backends._verl", reason="verl not installed"
+                                  ).VerlBackendConfig
+    else:
+        from lightning_backends._deepspeed import DeepSpeedBackendConfig as cls
+    with pytest.raises(ConfigError, match=f"the {backend} backend does not keep"):
+        as_settings({"kl_coef": 0.1}, cls, backend)
+    assert as_settings({"kl_coef": 0.1, "kl_reference": "batch"}, cls, backend).kl_coef == 0.1
+    assert as_settings({"kl_coef": 0.0}, cls, backend).kl_reference is None

@@ -306,7 +306,8 @@ async def test_losses_multi_turn_masks_and_kl_match_the_torch_backend(
         is_weights=[[0.8] * len(s.token_ids) for s in seqs],
         ref_logprobs=[[x - 0.05 for x in s.logprobs] for s in seqs],
     )
-    cfg: dict[str, Any] = {"lr": 1e-3, "loss_agg": agg, "kl_coef": 0.1, "micro_batch_tokens": 64}
+    cfg: dict[str, Any] = {"lr": 1e-3, "loss_agg": agg, "kl_coef": 0.1, "kl_reference": "batch",
+                           "micro_batch_tokens": 64}
     if loss.startswith("verl:"):
         cfg["verl_policy_loss"] = loss.removeprefix("verl:")
     else:

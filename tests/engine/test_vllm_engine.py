@@ -565,3 +565,78 @@ async def test_stream_stops_and_close(
     assert len(errors) == 1
     with pytest.raises(EngineClosedError):
         await closing.generate(PROMPT_A, SamplingParams(max_tokens=2))
+
+
+SAMPLING_CONFIGS = {
+    "t0.3": {"temperature": 0.3},
+    "t0.7": {"temperature": 0.7},
+    "t1.0": {"temperature": 1.0},
+    "t1.3": {"temperature": 1.3},
+    "top_p0.9": {"temperature": 1.0, "top_p": 0.9},
+    "top_k20": {"temperature": 1.0, "top_k": 20},
+    "t0.7-top_p0.9": {"temperature": 0.7, "top_p": 0.9},
+    "greedy": {"temperature": 0.0},
+}
+
+
+@pytest.fixture(scope="module")
+def scoring_backend(models: dict[str, Path]) -> Any:
+    from lightning_backends._torch import TorchBackend, TorchBackendConfig
+
+    backend = TorchBackend()
+    # lr 0: each step reports its metrics and leaves the weights as the engine has them
+    backend.setup(str(models["untied0"]),
+                  TorchBackendConfig(device="cpu", lr=0.0, micro_batch_tokens=4096))
+    return backend
+
+
+@pytest.mark.parametrize("name", list(SAMPLING_CONFIGS))
+async def test_first_on_policy_step_has_no_gap_on_vllm(
+    untied: tuple[VLLMEngine, list[Any]], models: dict[str, Path], scoring_backend: Any,
+    tmp_path: Path, name: str,
+) -> None:
+    """Issue 15's acceptance on the vLLM engine: through the real policy server and its
+    server-side capture into a daemon, for each sampling configuration the first
+    on-policy step's mean |trainer - sampler| log-prob gap is < 1e-3 and its ratio 1."""
+    import httpx
+
+    from lightning import DaemonConfig
+    from lightning._sequences import merge_transitions
+    from lightning.serving import PolicyServer
+    from lightning.testing import Daemon, MemoryHub
+    from lightning.training import pack_sequences
+
+    engine, _ = untied
+    await _set(engine, models["untied0"])
+    params = SAMPLING_CONFIGS[name]
+    daemon = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0),
+                    transport=MemoryHub())
+    transitions = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.serve)
+        server = PolicyServer(engine, model_name="tiny", port=0, capture=daemon.capture)
+        server.ready = True
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
+                                     base_url="http://test") as client:
+            for i, text in enumerate(["What is 2+3?", "Name a colour.", "Say hi", "Count."]):
+                r = await client.post("/v1/rollouts", json={"name": "agent"})
+                rid = r.json()["rollout_id"]
+                r = await client.post(f"/rollouts/{rid}/v1/chat/completions", json={
+                    "model": "tiny", "messages": [{"role": "user", "content": text}],
+                    "max_tokens": 8, "seed": i, **params})
+                assert r.status_code == 200, r.text
+                await client.post(f"/v1/rollouts/{rid}/end", json={"final_reward": 0.0})
+                transitions += daemon.buffer.get_nowait().transitions
+        tg.cancel_scope.cancel()
+    assert len(transitions) == 4
+    for t in transitions:
+        assert t.sampling is not None and t.sampling.logprobs == "processed"
+        assert t.sampling.temperature == params["temperature"]
+    seqs = [s for t in transitions for s in merge_transitions([t])]
+    m = scoring_backend.train_step(
+        pack_sequences(seqs, [1.0 if i % 2 else -1.0 for i in range(len(seqs))]))
+    print(f"vllm step-1 gap {name}: mean {m['actor/logprob_gap']:.2e} "
+          f"p99 {m['actor/logprob_gap_p99']:.2e} ratio {m['actor/ratio_mean']:.6f}")
+    assert m["actor/logprob_gap"] < 1e-3, m
+    assert m["actor/ratio_mean"] == pytest.approx(1.0, abs=2e-3)
+    assert m["actor/clip_frac"] == 0.0

@@ -88,6 +88,9 @@ responses_extra = {
     "instructions": st.text(max_size=10), "tools": st.lists(tool, max_size=1),
     "text": st.fixed_dictionaries({"format": st.fixed_dictionaries(
         {"type": st.sampled_from(["text", "json_object"])})}),
+    # ids this server never made (or "", too short): a 400 naming the field, never a 5xx
+    "previous_response_id": st.sampled_from(["resp_nope", ""]) | st.text(max_size=8),
+    "store": st.booleans(),
 }
 start_fields = {
     "rollout_id": st.text(min_size=1, max_size=8), "name": st.text(max_size=8),
@@ -234,7 +237,8 @@ def _check(req: dict, r) -> None:
 def test_http_fuzz_no_5xx_and_everything_acknowledged_is_stored(tiny_dir, tmp_path):
     data = tmp_path / "data"
     ledger = Ledger()
-    with live_stack(tiny_dir, data, max_body_bytes=1 << 20) as live:
+    # unknown rollout ids are waited for (a start may be on its way): briefly here
+    with live_stack(tiny_dir, data, max_body_bytes=1 << 20, rollout_start_wait_s=0.01) as live:
         live.server.traces.assembler.idle_s = 0.001  # store OTLP rollouts at once
 
         @settings(max_examples=N_REQUESTS, deadline=None, database=None,
