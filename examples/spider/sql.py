@@ -272,8 +272,15 @@ def gold_is_ordered(gold_sql: str) -> bool:
     return tree.args.get("order") is not None
 
 
-@functools.lru_cache(maxsize=1024)
 def _gold(db_path: str, gold_sql: str) -> Execution:
+    """The gold query's result, cached per database file version: the key holds the file's
+    inode, size and mtime, so a database replaced at the same path is not served stale."""
+    st = Path(db_path).stat()
+    return _gold_cached(db_path, gold_sql, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=1024)
+def _gold_cached(db_path: str, gold_sql: str, _version: tuple[int, int, int]) -> Execution:
     try:
         return execute(db_path, gold_sql)
     except SQLError as exc:

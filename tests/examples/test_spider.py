@@ -4,6 +4,7 @@ loaders, the bundled set's generator, the LangGraph loop, and the agent end to e
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -207,6 +208,7 @@ def test_gold_is_ordered(sql, ordered):
     assert gold_is_ordered(sql) is ordered
 
 
+_db_numbers = itertools.count()
 values = st.one_of(st.none(), st.integers(-5, 5), st.sampled_from([0.5, 2.0, -1.25]),
                    st.sampled_from(["a", "b", "A", ""]))
 rows = st.lists(st.tuples(values, values), max_size=6)
@@ -231,7 +233,7 @@ def test_results_match_is_symmetric(a, b, ordered):
            "SELECT AVG(a) FROM t"]),
        junk=st.text(max_size=60))
 def test_the_gold_query_scores_1_and_any_text_scores_0_or_1(tmp_path, table, query, junk):
-    path = tmp_path / f"h{abs(hash((tuple(table), query, junk)))}.sqlite"
+    path = tmp_path / f"h{next(_db_numbers)}.sqlite"  # a fresh file per example
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE t (a INTEGER, b TEXT, c REAL)")
     conn.executemany("INSERT INTO t VALUES (?, ?, ?)", table)
@@ -572,3 +574,13 @@ def test_lightning_train_runs_the_example_from_its_file_path(tmp_path):
     train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     [step] = [m for m in train if m["kind"] == "train"]
     assert step["rollouts/reward_mean"] == 0.5
+
+
+def test_a_database_replaced_at_the_same_path_is_not_scored_stale(db):
+    gold = "SELECT COUNT(*) FROM people"
+    assert execution_match(db, "SELECT 4", gold) == 1.0
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM people WHERE id = 4")
+    conn.commit()
+    conn.close()
+    assert execution_match(db, "SELECT 3", gold) == 1.0
