@@ -302,12 +302,12 @@ def _questions(schema: Schema, conn: sqlite3.Connection) -> Iterator[Question]:
                        f"SELECT {t.label} FROM {t.name} WHERE {col} > {v}")
             for order, word in (("DESC", "highest"), ("ASC", "lowest")):
                 yield ("argmax", (t.name, col, order),
-                       f"Which {t.singular} has the {word} {phrase}? Give its "
-                       f"{t.label_phrase.removesuffix('s')}.",
+                       (f"Which {t.singular} has the {word} {phrase}? Give its "
+                        f"{t.label_phrase.removesuffix('s')}."),
                        f"SELECT {t.label} FROM {t.name} ORDER BY {col} {order} LIMIT 1")
                 yield ("top3", (t.name, col, order),
-                       f"List the {t.label_phrase} of the three {t.plural} with the {word} "
-                       f"{phrase}, in order.",
+                       (f"List the {t.label_phrase} of the three {t.plural} with the {word} "
+                        f"{phrase}, in order."),
                        f"SELECT {t.label} FROM {t.name} ORDER BY {col} {order} LIMIT 3")
         for fk, parent_name, rel in t.parents:
             p = by_name[parent_name]
@@ -315,14 +315,14 @@ def _questions(schema: Schema, conn: sqlite3.Connection) -> Iterator[Question]:
                 for v in values(p.name, pcol):
                     yield ("join_text", (t.name, fk, pcol, v),
                            f"How many {t.plural} {rel} {p.plural} whose {pphrase} is {v} are there?",
-                           f"SELECT COUNT(*) FROM {t.name} AS T1 JOIN {p.name} AS T2 "
-                           f"ON T1.{fk} = T2.id WHERE T2.{pcol} = {_sql_str(v)}")
+                           (f"SELECT COUNT(*) FROM {t.name} AS T1 JOIN {p.name} AS T2 "
+                            f"ON T1.{fk} = T2.id WHERE T2.{pcol} = {_sql_str(v)}"))
             if p.label != "id":
                 for v in values(p.name, p.label):
                     yield ("join_label", (t.name, fk, v),
                            f"How many {t.plural} {rel} the {p.singular} {v} are there?",
-                           f"SELECT COUNT(*) FROM {t.name} AS T1 JOIN {p.name} AS T2 "
-                           f"ON T1.{fk} = T2.id WHERE T2.{p.label} = {_sql_str(v)}")
+                           (f"SELECT COUNT(*) FROM {t.name} AS T1 JOIN {p.name} AS T2 "
+                            f"ON T1.{fk} = T2.id WHERE T2.{p.label} = {_sql_str(v)}"))
 
 
 def _unambiguous(conn: sqlite3.Connection, template: str, sql: str) -> bool:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 import sqlite3
 import time
@@ -231,7 +232,7 @@ def _norm(value: Any) -> Any:
         return float(value)
     if isinstance(value, (int, float)):
         f = float(value)
-        return round(f, 6) if f == f else "nan"  # NaN != NaN would break equality
+        return "nan" if math.isnan(f) else round(f, 6)  # NaN != NaN would break equality
     if isinstance(value, bytes):
         return value.hex()
     return value
