@@ -131,8 +131,9 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 #: the short run compared across backends: three micro-batches a step, KL on, clipping on
-RUN = {"lr": 1e-3, "micro_batch_tokens": 40, "kl_coef": 0.1, "kl_reference": "batch",
-       "max_grad_norm": 0.5, "seed": 0}
+RUN = {"lr": 1e-3, "micro_batch_tokens": 40, "kl_coef": 0.1, "max_grad_norm": 0.5, "seed": 0}
+# DeepSpeed keeps no reference policy: the test batches bring their ref_logprobs
+DS_RUN = {**RUN, "kl_reference": "batch"}
 KEYS = ("loss/policy", "loss/kl", "loss/total", "actor/clip_frac", "actor/logprob_gap")
 
 
@@ -208,7 +209,7 @@ offload_optimizer = { device = "cpu" }
 def test_matches_the_torch_backend(ds_env: None, tiny_model_dir: Path, stage: int) -> None:
     batch = make_batch(tiny_model_dir)
     ref = torch_backend(tiny_model_dir, **RUN)
-    ds = ds_backend(tiny_model_dir, zero_stage=stage, export_group_elements=10_000, **RUN)
+    ds = ds_backend(tiny_model_dir, zero_stage=stage, export_group_elements=10_000, **DS_RUN)
     if stage == 3:  # built partitioned (zero.Init), and only for the duration of the load
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -330,7 +331,7 @@ def test_two_process_zero3_matches_the_torch_backend(tiny_model_dir: Path, tmp_p
         "dtype": "float32",
         "export_group_elements": 10_000,
         "worker_poll_s": 0.2,
-        **RUN,
+        **DS_RUN,
     }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     script = Path(__file__).with_name("deepspeed_rank.py")

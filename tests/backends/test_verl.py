@@ -98,7 +98,7 @@ async def sample_sequences(
 
 def make_pair(model_dir: Path, **cfg: Any) -> tuple[VerlBackend, TorchBackend]:
     """A verl and a torch backend with the same settings, both fp32 on CPU."""
-    verl_only = {k: cfg.pop(k) for k in ("verl_policy_loss",) if k in cfg}
+    verl_only = {k: cfg.pop(k) for k in ("verl_policy_loss", "kl_reference") if k in cfg}
     verl = VerlBackend()
     verl.setup(str(model_dir), VerlBackendConfig(device="cpu", **cfg, **verl_only))
     ref = TorchBackend()
