@@ -402,8 +402,8 @@ class ScriptedEngine:
                     out = ""
                     # text lags the ids while it may still be cut by a stop string or
                     # ends in an incomplete UTF-8 sequence (as a real engine's does)
-                    if last or not (params.stop or self.decode(ids[: pos + 1]).endswith("\ufffd")):
-                        full = self.decode(ids[: pos + 1])
+                    full = "" if params.stop and not last else self.decode(ids[: pos + 1])
+                    if last or (full and not full.endswith("\ufffd")):
                         if last and isinstance(stop_reason, str):
                             full = full[: full.find(stop_reason)]
                         out, emitted = full[len(emitted):], full
