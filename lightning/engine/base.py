@@ -3,7 +3,8 @@
 An engine turns prompt token ids into sampled token ids with their log-probs and the
 policy version that produced them, serves many requests concurrently, and swaps in new
 weights from the trainer. Implementations (``torch_engine.TorchEngine``, later a vLLM
-engine) satisfy :class:`InferenceEngine` structurally; there is no base class to inherit.
+engine) satisfy :class:`InferenceEngine` structurally; :class:`EngineBase` holds the
+properties, chat rendering and ``async with`` they share.
 
 Weight updates and in-flight requests (the contract every engine keeps)
     A response is never produced by two policies. ``update_weights`` stops admitting new
@@ -42,6 +43,7 @@ __all__ = [
     "Choice",
     "CompletionDelta",
     "ContextLengthError",
+    "EngineBase",
     "EngineClosedError",
     "EngineError",
     "FinishReason",
@@ -55,9 +57,7 @@ __all__ = [
     "check_request",
     "check_weight_shapes",
     "collect_stream",
-    "enter_serving",
     "eos_ids",
-    "exit_serving",
     "render_chat",
 ]
 
@@ -269,25 +269,85 @@ class InferenceEngine(Protocol):
         ...
 
 
-async def enter_serving(engine: Any) -> TaskGroup:
-    """An engine's ``__aenter__``: ``engine.serve`` started in a task group of its own,
-    which the caller keeps for :func:`exit_serving` (closed again if the start fails)."""
-    tg = anyio.create_task_group()
-    await tg.__aenter__()
-    try:
-        await tg.start(engine.serve)
-    except BaseException:
-        await tg.__aexit__(*sys.exc_info())
-        raise
-    return tg
+class EngineBase:
+    """What every engine's protocol surface shares: the read-only properties, chat
+    rendering, decoding and ``async with`` (``serve`` in a task group of its own, then
+    ``aclose``). A subclass sets ``_version``, ``_max_model_len``, ``_tokenizer`` and
+    ``_eos`` and implements ``serve``/``aclose``/``generate``...; ``_check_started`` is the
+    hook for an engine whose tokenizer exists only once it has started."""
 
+    _version: int
+    _max_model_len: int
+    _tokenizer: Any
+    _eos: frozenset[int]
+    _tg: TaskGroup | None = None
 
-async def exit_serving(engine: Any, tg: TaskGroup | None, exc_info: Any) -> bool | None:
-    """An engine's ``__aexit__``: ``engine.aclose()``, then the task group of
-    :func:`enter_serving` ends."""
-    await engine.aclose()
-    assert tg is not None
-    return await tg.__aexit__(*exc_info)
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's own copy of the tokenizer it was given: encode and decode with it
+        freely, but do not call it with truncation or padding (that reconfigures it)."""
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    def _check_started(self) -> None:
+        """Raise :class:`EngineClosedError` where the engine cannot render yet."""
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        self._check_started()
+        return render_chat(
+            self._tokenizer,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        self._check_started()
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Any:
+        """``serve`` started in a task group of its own (closed again if the start fails)."""
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            await tg.start(self.serve)
+        except BaseException:
+            await tg.__aexit__(*sys.exc_info())
+            raise
+        self._tg = tg
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        """``aclose()``, then the task group of ``__aenter__`` ends."""
+        tg, self._tg = self._tg, None
+        await self.aclose()
+        assert tg is not None
+        return await tg.__aexit__(*exc_info)
 
 
 async def collect_stream(

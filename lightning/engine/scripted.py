@@ -57,6 +57,7 @@ import structlog
 
 from lightning.engine.base import (
     CompletionDelta,
+    EngineBase,
     EngineClosedError,
     GenerationResult,
     InvalidRequestError,
@@ -66,10 +67,7 @@ from lightning.engine.base import (
     apply_weights,
     check_request,
     collect_stream,
-    enter_serving,
     eos_ids,
-    exit_serving,
-    render_chat,
 )
 
 __all__ = ["Reply", "ScriptRequest", "ScriptedEngine", "ToolCall", "load_script", "parse_chatml"]
@@ -244,7 +242,7 @@ def load_script(spec: str) -> Script:
     return obj
 
 
-class ScriptedEngine:
+class ScriptedEngine(EngineBase):
     """An :class:`~lightning.engine.base.InferenceEngine` answering from ``script``.
 
     Args:
@@ -302,46 +300,8 @@ class ScriptedEngine:
     # ------------------------------------------------------------------ the protocol
 
     @property
-    def policy_version(self) -> int:
-        return self._version
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._eos
-
-    @property
     def model(self) -> Any:
         return self._model
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        add_generation_prompt: bool = True,
-        **template_kwargs: Any,
-    ) -> list[int]:
-        return render_chat(self._tokenizer, messages, tools=tools,
-                           add_generation_prompt=add_generation_prompt, **template_kwargs)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    async def __aenter__(self) -> ScriptedEngine:  # noqa: PYI034 - Python 3.10 has no Self
-        self._tg = await enter_serving(self)
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        tg, self._tg = self._tg, None
-        return await exit_serving(self, tg, exc_info)
 
     async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         if self._closed:

@@ -76,7 +76,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -85,9 +85,9 @@ import torch
 from anyio.abc import TaskGroup, TaskStatus
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from lightning.kernels.logprobs.reference import truncation_threshold as _threshold
 from lightning.engine.base import (
     CompletionDelta,
+    EngineBase,
     EngineClosedError,
     EngineError,
     FinishReason,
@@ -98,11 +98,9 @@ from lightning.engine.base import (
     apply_weights,
     check_request,
     collect_stream,
-    enter_serving,
     eos_ids,
-    exit_serving,
-    render_chat,
 )
+from lightning.kernels.logprobs.reference import truncation_threshold as _threshold
 
 __all__ = ["EngineStats", "TorchEngine"]
 
@@ -361,7 +359,7 @@ class _Update:
 # --------------------------------------------------------------------------- engine
 
 
-class TorchEngine:
+class TorchEngine(EngineBase):
     """Continuous-batching engine over a transformers causal LM. See the module docstring.
 
     Args:
@@ -505,63 +503,14 @@ class TorchEngine:
     # ------------------------------------------------------------------ properties
 
     @property
-    def policy_version(self) -> int:
-        return self._version
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def tokenizer(self) -> Any:
-        """The engine's own copy of the tokenizer it was given: encode and decode with it
-        freely, but do not call it with truncation or padding (that reconfigures it)."""
-        return self._tokenizer
-
-    @property
     def model(self) -> Any:
         """The served model. Change its weights only through ``update_weights``."""
         return self._model
 
     @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._eos
-
-    @property
     def stats(self) -> EngineStats:
         """A snapshot of the counters plus the current queue sizes."""
         return dataclasses.replace(self._stats, running=len(self._rows), waiting=len(self._waiting))
-
-    # ------------------------------------------------------------------ tokenizer
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        add_generation_prompt: bool = True,
-        **template_kwargs: Any,
-    ) -> list[int]:
-        return render_chat(
-            self._tokenizer,
-            messages,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> TorchEngine:  # noqa: PYI034 - Python 3.10 has no Self
-        self._tg = await enter_serving(self)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> bool | None:
-        tg, self._tg = self._tg, None
-        return await exit_serving(self, tg, exc_info)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the scheduler until :meth:`aclose` (or cancellation)."""

@@ -91,6 +91,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from lightning.engine.base import (
     CompletionDelta,
+    EngineBase,
     EngineClosedError,
     EngineError,
     GenerationResult,
@@ -101,10 +102,7 @@ from lightning.engine.base import (
     check_request,
     check_weight_shapes,
     collect_stream,
-    enter_serving,
     eos_ids,
-    exit_serving,
-    render_chat,
 )
 
 __all__ = [
@@ -282,7 +280,7 @@ class _Gate:
         self._resume.set()
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """The engine interface of :mod:`lightning.engine.base` over vLLM's ``AsyncLLM``.
 
     Construction is cheap and imports nothing heavy; ``serve()`` (or ``async with``)
@@ -393,22 +391,6 @@ class VLLMEngine:
     # ------------------------------------------------------------------ properties
 
     @property
-    def policy_version(self) -> int:
-        return self._version
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self._eos
-
-    @property
     def model_path(self) -> Path:
         return self._path
 
@@ -437,32 +419,6 @@ class VLLMEngine:
         return dataclasses.replace(self._stats, running=self._gate.running)
 
     # ------------------------------------------------------------------ tokenizer
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        add_generation_prompt: bool = True,
-        **template_kwargs: Any,
-    ) -> list[int]:
-        self._check_started()
-        return render_chat(self._tokenizer, messages, tools=tools,
-                           add_generation_prompt=add_generation_prompt, **template_kwargs)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        self._check_started()
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> VLLMEngine:  # noqa: PYI034 - Python 3.10 has no Self
-        self._tg = await enter_serving(self)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> bool | None:
-        tg, self._tg = self._tg, None
-        return await exit_serving(self, tg, exc_info)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start vLLM, run until :meth:`aclose` (or cancellation), then shut vLLM down."""
