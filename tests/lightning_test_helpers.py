@@ -11,6 +11,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: The sampling configurations the "same numbers on both sides" tests sweep (engine
+#: sampling vs trainer scoring), shared by the torch-engine and vLLM-engine tests.
+SAMPLING_CONFIGS = {
+    "t0.3": {"temperature": 0.3},
+    "t0.7": {"temperature": 0.7},
+    "t1.0": {"temperature": 1.0},
+    "t1.3": {"temperature": 1.3},
+    "top_p0.9": {"temperature": 1.0, "top_p": 0.9},
+    "top_k20": {"temperature": 1.0, "top_k": 20},
+    "t0.7-top_p0.9": {"temperature": 0.7, "top_p": 0.9},
+    "greedy": {"temperature": 0.0},
+    "greedy-top_k20": {"temperature": 0.0, "top_k": 20},
+}
+
 
 def free_tcp_address() -> str:
     with socket.socket() as s:

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lightning_test_helpers import SAMPLING_CONFIGS
 
 import lightning
 from lightning import _capture, _lifecycle
@@ -21,17 +22,7 @@ from lightning._protocol import Sampling, Transition, check_sampling
 from lightning._sequences import merge_transitions
 from lightning.training import pack_sequences
 
-CONFIGS = {
-    "t0.3": {"temperature": 0.3},
-    "t0.7": {"temperature": 0.7},
-    "t1.0": {"temperature": 1.0},
-    "t1.3": {"temperature": 1.3},
-    "top_p0.9": {"temperature": 1.0, "top_p": 0.9},
-    "top_k20": {"temperature": 1.0, "top_k": 20},
-    "t0.7-top_p0.9": {"temperature": 0.7, "top_p": 0.9},
-    "greedy": {"temperature": 0.0},
-    "greedy-top_k20": {"temperature": 0.0, "top_k": 20},
-}
+CONFIGS = SAMPLING_CONFIGS
 PROMPTS = ["What is 2+3?", "Name a colour.", "Say hi", "Count to three."]
 
 
