@@ -21,14 +21,30 @@ from lightning_test_helpers import DaemonProcess, free_tcp_address, wait_until
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def served(tiny_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("served")
+def _serve(tiny_dir, tmp, max_model_len):
     d = DaemonProcess(tmp / "data", free_tcp_address())
     d.extra = ("--model", str(tiny_dir), "--http-port", "0", "--served-model-name", "tiny",
-               "--max-model-len", "1024", "--log-level", "debug", "--buffer-size", "100000")
+               "--max-model-len", str(max_model_len), "--log-level", "debug",
+               "--buffer-size", "100000")
     d.start()
     base = d.proc.stdout.readline().decode().strip()
+    return d, base, tmp
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir, tmp_path_factory):
+    d, base, tmp = _serve(tiny_dir, tmp_path_factory.mktemp("served"), 1024)
+    yield d, base, tmp
+    if d.proc.poll() is None:
+        d.stop()
+
+
+@pytest.fixture
+def served_short(tiny_dir, tmp_path):
+    """A daemon whose context holds the README snippets' prompts (<= 250 tokens) and a short
+    answer: the snippets set no ``max_tokens``, so the random model writes to the end of the
+    context (at 1024, ~900 tokens a call: minutes on a loaded box)."""
+    d, base, tmp = _serve(tiny_dir, tmp_path, 384)
     yield d, base, tmp
     if d.proc.poll() is None:
         d.stop()
@@ -234,7 +250,7 @@ def test_autogen_assistant_agent_with_tool(served, runtime):
     _check(served, runtime, ids)
 
 
-def test_readme_integration_snippets_run_unchanged(served, tmp_path, monkeypatch):
+def test_readme_integration_snippets_run_unchanged(served_short, tmp_path, monkeypatch):
     """The four snippets of README.md's "Agents that need no changes", executed verbatim
     in order (configured through LIGHTNING_* variables, as a user would), each capture
     what the server sampled."""
@@ -246,7 +262,7 @@ def test_readme_integration_snippets_run_unchanged(served, tmp_path, monkeypatch
     pytest.importorskip("autogen_agentchat")
     from lightning_test_helpers import ROOT
 
-    d, base, tmp = served
+    d, base, tmp = served_short
     section = (ROOT / "README.md").read_text().split("## Agents that need no changes\n")[1]
     blocks = re.findall(r"```python\n(.*?)```", section.split("\n## ")[0], re.DOTALL)
     assert len(blocks) == 4
