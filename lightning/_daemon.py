@@ -36,7 +36,7 @@ from anyio.lowlevel import checkpoint
 from ._config import DaemonConfig
 from ._errors import ProtocolError
 from ._ingest import GapError, IngestState, Snapshot, Trajectory
-from ._log import AppendLog, fsync_all
+from ._log import AppendLog, fsync_all, unlink_segments
 from ._protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -240,6 +240,16 @@ def _read_snapshot(data_dir: Path) -> Snapshot | None:
         ) from exc
 
 
+def _write_snapshot(data_dir: Path, data: bytes) -> None:
+    """Write, fsync and rename a snapshot into place (blocking: a worker thread's job)."""
+    tmp = data_dir / (_SNAPSHOT + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, data_dir / _SNAPSHOT)
+
+
 def _read_cursor(data_dir: Path) -> int:
     try:
         return int((data_dir / "cursor").read_text().strip())
@@ -288,6 +298,10 @@ class Daemon:
         self._held_trajectories: list[Trajectory] = []
         self._syncing = False
         self._sync_wake = anyio.Event()
+        # compaction off the event loop once serving (see _compaction_loop)
+        self._compaction_task = False
+        self._compacting = False
+        self._compact_wake = anyio.Event()
 
     # ------------------------------------------------------------------ service
 
@@ -323,6 +337,7 @@ class Daemon:
                 if cfg.stats_interval_s > 0:
                     tg.start_soon(self._stats_loop)
                 tg.start_soon(self._maintenance_loop)
+                tg.start_soon(self._compaction_loop)
                 if self._group_commit:
                     tg.start_soon(self._sync_loop)
                 task_status.started(self.address)
@@ -557,38 +572,81 @@ class Daemon:
             del self._uncommitted[i]
         limit = self.config.wal_compact_bytes
         # (a consumer may commit while the daemon shuts down: the log is closed by then)
-        if limit and self._wal is not None and not self._wal.closed:
-            if self._wal.size_bytes() - self._wal_compacted_at >= limit:
+        if (limit and self._wal is not None and not self._wal.closed and not self._compacting
+                and self._wal.size_of_all() - self._wal_compacted_at >= limit):
+            if self._compaction_task:  # serving: the file work leaves the event loop
+                self._compact_wake.set()
+                return
+            try:
+                self.compact()
+            except OSError as exc:  # the log is intact: compaction waits for space
+                self._compaction_failed(exc)
+
+    def _compaction_failed(self, exc: OSError) -> None:
+        self.counters["wal_compaction_failed"] += 1
+        (self._data_dir / (_SNAPSHOT + ".tmp")).unlink(missing_ok=True)
+        logger.error("daemon.wal_compaction_failed", error=str(exc))
+
+    async def _compaction_loop(self) -> None:
+        """Compactions asked for by commits while serving: the snapshot is taken and
+        encoded on the event loop (the state is live there), then written, fsynced,
+        renamed into place and the old segments deleted in a worker thread."""
+        self._compaction_task = True
+        try:
+            while True:
+                await self._compact_wake.wait()
+                self._compact_wake = anyio.Event()
                 try:
-                    self.compact()
-                except OSError as exc:  # the log is intact: compaction waits for space
-                    self.counters["wal_compaction_failed"] += 1
-                    (self._data_dir / (_SNAPSHOT + ".tmp")).unlink(missing_ok=True)
-                    logger.error("daemon.wal_compaction_failed", error=str(exc))
+                    await self.compact_async()
+                except OSError as exc:
+                    self._compaction_failed(exc)
+        finally:
+            self._compaction_task = False
 
     def compact(self) -> int:
         """Snapshot the ingest state and delete the write-ahead log before it; returns the
         bytes freed. Recovery then starts from the snapshot (same state, same pending
-        trajectories) and replays only the log after it."""
+        trajectories) and replays only the log after it. Blocking (file writes, fsync,
+        deletes): while serving, commits use :meth:`compact_async`."""
+        t0 = time.perf_counter()
+        wal_from, data, snap = self._take_snapshot()
+        _write_snapshot(self._data_dir, data)
+        freed = unlink_segments(self._wal.detach_before(wal_from))
+        return self._compacted(freed, data, snap, t0)
+
+    async def compact_async(self) -> int:
+        """:meth:`compact` with the file work in a worker thread; the event loop goes on
+        receiving (into the segment the snapshot does not cover) meanwhile."""
+        if self._compacting:
+            return 0
+        self._compacting = True
+        try:
+            t0 = time.perf_counter()
+            wal_from, data, snap = self._take_snapshot()
+            await anyio.to_thread.run_sync(_write_snapshot, self._data_dir, data)
+            wal = self._wal
+            if wal is None or wal.closed:
+                return 0
+            freed = await anyio.to_thread.run_sync(unlink_segments,
+                                                   wal.detach_before(wal_from))
+            return self._compacted(freed, data, snap, t0)
+        finally:
+            self._compacting = False
+
+    def _take_snapshot(self) -> tuple[str, bytes, Snapshot]:
         wal = self._wal
         if wal is None:
             raise RuntimeError("the daemon is not serving: start Daemon.serve first")
-        t0 = time.perf_counter()
         wal.flush()
         wal_from = wal.rotate()
         snap = self.state.snapshot(
             wal_from=wal_from, committed=self.buffer.committed_through,
             pending=list(self._uncommitted.values()),
         )
-        data = msgspec.msgpack.encode(snap)
-        tmp = self._data_dir / (_SNAPSHOT + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._data_dir / _SNAPSHOT)
-        freed = wal.drop_before(wal_from)
-        self._wal_compacted_at = wal.size_bytes()
+        return wal_from, msgspec.msgpack.encode(snap), snap
+
+    def _compacted(self, freed: int, data: bytes, snap: Snapshot, t0: float) -> int:
+        self._wal_compacted_at = self._wal.size_of_all()
         self.counters["wal_compactions"] += 1
         logger.info(
             "daemon.wal_compacted", freed_bytes=freed, snapshot_bytes=len(data),

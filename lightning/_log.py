@@ -63,6 +63,8 @@ class AppendLog:
         self._tail = self._segments[-1]
         self._fd = _open_tail(self._tail)
         self._tail_size = os.fstat(self._fd).st_size
+        # sizes of the segments before the tail (size_of_all needs no system call)
+        self._sizes = {seg: seg.stat().st_size for seg in self._segments[:-1]}
         self.records_appended = 0
 
     # ----------------------------------------------------------------- writing
@@ -137,6 +139,7 @@ class AppendLog:
             self._retired_fds.append(self._fd)  # the next begin_sync covers it
         else:
             os.close(self._fd)
+        self._sizes[self._tail] = self._tail_size
         self._fd, self._tail = fd, tail
         self._segments.append(tail)
         self._tail_size = 0
@@ -151,16 +154,22 @@ class AppendLog:
     def drop_before(self, name: str) -> int:
         """Delete every segment before segment ``name`` (names sort by offset); returns the
         bytes freed. The current segment is never deleted."""
-        freed = 0
-        keep = []
-        for seg in self._segments:
-            if seg.name < name and seg != self._tail:
-                freed += seg.stat().st_size if seg.exists() else 0
-                seg.unlink(missing_ok=True)
-            else:
-                keep.append(seg)
-        self._segments = keep
-        return freed
+        return unlink_segments(self.detach_before(name))
+
+    def detach_before(self, name: str) -> list[Path]:
+        """Forget every segment before segment ``name`` (never the current one) and return
+        their paths, for the caller to delete (:func:`unlink_segments`, in any thread:
+        deleting large files can block)."""
+        gone = [seg for seg in self._segments if seg.name < name and seg != self._tail]
+        self._segments = [seg for seg in self._segments if seg not in gone]
+        for seg in gone:
+            self._sizes.pop(seg, None)
+        return gone
+
+    def size_of_all(self) -> int:
+        """Bytes in the log's segments, as this log wrote them (no system call; equal to
+        :meth:`size_bytes` unless someone else changes the files)."""
+        return sum(self._sizes.values()) + self._tail_size
 
     # ----------------------------------------------------------------- reading
 
@@ -193,6 +202,7 @@ class AppendLog:
         for seg in self._segments:
             seg.unlink(missing_ok=True)
         self._segments = [self.directory / f"{0:020d}{_SUFFIX}"]
+        self._sizes = {}
         self._tail = self._segments[0]
         self._fd = _open_tail(self._tail)
         self._tail_size = 0
@@ -233,6 +243,18 @@ class AppendLog:
             )
             with open(seg, "r+b") as f:
                 f.truncate(good)
+
+
+def unlink_segments(paths: list[Path]) -> int:
+    """Delete segment files (from :meth:`AppendLog.detach_before`); returns bytes freed."""
+    freed = 0
+    for seg in paths:
+        try:
+            freed += seg.stat().st_size
+        except FileNotFoundError:
+            continue
+        seg.unlink(missing_ok=True)
+    return freed
 
 
 def fsync_all(fds: list[int]) -> None:

@@ -8,6 +8,7 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_daemon import PEER, Harness, _batch, _end, _start, _tr
 
 import lightning
 from lightning import DaemonConfig
@@ -20,7 +21,6 @@ from lightning._protocol import (
     encode_message,
 )
 from lightning.testing import Daemon, MemoryHub, recover
-from test_daemon import PEER, Harness, _batch, _end, _start, _tr
 
 
 def _bye(h, cid="c1", through=0, peer=PEER):
@@ -129,13 +129,17 @@ def test_client_ttl_is_checked():
 # send it twice (a resend), say Goodbye, disconnect without one, restart the daemon,
 # let the TTL pass.
 _steps = st.lists(
-    st.tuples(st.integers(0, 7), st.sampled_from(["send", "resend", "bye", "vanish",
-                                                 "restart", "ttl"])),
-    min_size=1, max_size=60,
+    st.tuples(
+        st.integers(0, 7), st.sampled_from(["send", "resend", "bye", "vanish", "restart", "ttl"])
+    ),
+    min_size=1,
+    max_size=60,
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(steps=_steps)
 def test_many_clients_come_and_go_bounded_and_exact(tmp_path_factory, steps):
     """Clients come and go; Goodbye and the TTL keep the table to the clients that are
@@ -210,12 +214,14 @@ def _now(h):
 
 async def test_runtime_says_goodbye_on_a_clean_shutdown(tmp_path):
     hub = MemoryHub()
-    daemon = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0),
-                    transport=hub)
+    daemon = Daemon(
+        DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0), transport=hub
+    )
     async with anyio.create_task_group() as tg:
         await tg.start(daemon.serve)
-        async with lightning.session(transport=hub.connect(),
-                                     spill_dir=str(tmp_path / "spill")) as rt:
+        async with lightning.session(
+            transport=hub.connect(), spill_dir=str(tmp_path / "spill")
+        ) as rt:
 
             @lightning.rollout
             async def agent() -> float:
@@ -239,8 +245,9 @@ async def test_runtime_says_goodbye_on_a_clean_shutdown(tmp_path):
 async def test_runtime_with_a_spill_log_left_does_not_say_goodbye(tmp_path):
     hub = MemoryHub()
     hub.set_down(True)  # never reachable: everything is spilled at shutdown
-    async with lightning.session(transport=hub.connect(), spill_dir=str(tmp_path / "spill"),
-                                 shutdown_grace_s=0.2) as rt:
+    async with lightning.session(
+        transport=hub.connect(), spill_dir=str(tmp_path / "spill"), shutdown_grace_s=0.2
+    ) as rt:
 
         @lightning.rollout
         async def agent() -> None:

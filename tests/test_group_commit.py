@@ -8,6 +8,7 @@ import threading
 
 import anyio
 import pytest
+from test_daemon import _batch, _end, _start, _tr
 
 import lightning._daemon as daemon_mod
 from lightning import DaemonConfig
@@ -22,7 +23,6 @@ from lightning._protocol import (
     encode_message,
 )
 from lightning.testing import Daemon, MemoryHub, recover
-from test_daemon import _batch, _end, _start, _tr
 
 
 class SlowFsync:
@@ -54,8 +54,10 @@ async def test_acks_wait_for_the_fsync_and_the_loop_keeps_serving(tmp_path, monk
     monkeypatch.setattr(daemon_mod, "fsync_all", slow)
     hub = MemoryHub()
     client = hub.connect()
-    daemon = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0,
-                                 fsync="always"), transport=hub)
+    daemon = Daemon(
+        DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0, fsync="always"),
+        transport=hub,
+    )
     replies: list = []  # (message, fsyncs returned when it arrived)
     ticks = [0]
 
@@ -87,15 +89,14 @@ async def test_acks_wait_for_the_fsync_and_the_loop_keeps_serving(tmp_path, monk
         # ...but nothing was acknowledged, and no trajectory handed to the trainer
         assert len(replies) == 1 and len(daemon.buffer) == 0
         slow.gate.set()
-        await _wait(lambda: any(isinstance(m, Ack) and m.acked_through == 5
-                                for m, _ in replies))
+        await _wait(lambda: any(isinstance(m, Ack) and m.acked_through == 5 for m, _ in replies))
         await _wait(lambda: len(daemon.buffer) == 2)
         tg.cancel_scope.cancel()
     acks = [(m, n) for m, n in replies if isinstance(m, Ack)]
     assert [m.acked_through for m, _ in acks] == [3, 5]
     assert all(n >= 1 for _, n in replies[1:])  # every later reply after an fsync returned
     assert daemon.counters["group_commits"] >= 1
-    state, pending, _ = recover(tmp_path / "data")
+    _, pending, _ = recover(tmp_path / "data")
     assert [t.rollout_id for t in pending] == ["a", "b"]
 
 
@@ -106,8 +107,10 @@ async def test_a_failed_fsync_stops_the_daemon_without_acking(tmp_path, monkeypa
     monkeypatch.setattr(daemon_mod, "fsync_all", broken)
     hub = MemoryHub()
     client = hub.connect()
-    daemon = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0,
-                                 fsync="always"), transport=hub)
+    daemon = Daemon(
+        DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0, fsync="always"),
+        transport=hub,
+    )
     client.send(encode_message(Hello(protocol_version=PROTOCOL_VERSION, client_id="c1")))
     client.send(_batch(1, [_start("a"), _end("a", 0)]))
     with pytest.raises(BaseException) as exc:  # the task group's ExceptionGroup

@@ -8,19 +8,21 @@ import threading
 
 import anyio
 import zmq
+from test_daemon import _batch, _end, _start, _tr
 
 from lightning import DaemonConfig
 from lightning._daemon import YIELD_EVERY_FRAMES
 from lightning._protocol import PROTOCOL_VERSION, Hello, encode_message
 from lightning.testing import Daemon, MemoryHub
-from test_daemon import _batch, _end, _start, _tr
 
 N = 600  # frames in the burst, each a whole rollout
 
 
 def _frames(cid="c1"):
-    return [_batch(1 + 3 * i, [_start(f"r{i}"), _tr(f"r{i}", 0), _end(f"r{i}", 1)], cid=cid)
-            for i in range(N)]
+    return [
+        _batch(1 + 3 * i, [_start(f"r{i}"), _tr(f"r{i}", 0), _end(f"r{i}", 1)], cid=cid)
+        for i in range(N)
+    ]
 
 
 async def test_consumer_and_other_tasks_run_during_a_burst(tmp_path):
@@ -31,8 +33,9 @@ async def test_consumer_and_other_tasks_run_during_a_burst(tmp_path):
     client.send(encode_message(Hello(protocol_version=PROTOCOL_VERSION, client_id="c1")))
     for f in _frames():
         client.send(f)
-    daemon = Daemon(DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0),
-                    transport=hub)
+    daemon = Daemon(
+        DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0), transport=hub
+    )
     seen_at: list[int] = []  # frames received when the consumer got each trajectory
     ticks: list[int] = []  # frames received at each turn of an unrelated task
 
@@ -65,8 +68,11 @@ async def test_consumer_and_other_tasks_run_during_a_burst(tmp_path):
 async def test_stats_loop_and_consumer_keep_running_during_a_zmq_burst(tmp_path):
     """A real ZeroMQ burst from another thread: the daemon's stats task (a timer) fires
     and the consumer drains while frames are still arriving."""
-    daemon = Daemon(DaemonConfig(bind="tcp://127.0.0.1:0", data_dir=str(tmp_path / "data"),
-                                 stats_interval_s=0.001))
+    daemon = Daemon(
+        DaemonConfig(
+            bind="tcp://127.0.0.1:0", data_dir=str(tmp_path / "data"), stats_interval_s=0.001
+        )
+    )
     frames = _frames()
     stats_at: list[int] = []
     consumed_at: list[int] = []
