@@ -91,6 +91,12 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _timeline(rss: list[tuple[float, float]], points: int = 8) -> str:
+    """RSS at ``points`` evenly spaced samples: ``t=MiB`` pairs (flat = bounded)."""
+    step = max(1, len(rss) // points)
+    return " ".join(f"{t:.0f}s={m:.0f}" for t, m in rss[::step])
+
+
 def _quantiles(xs: list[float]) -> tuple[float, float]:
     xs = sorted(xs)
     return xs[len(xs) // 2], xs[min(len(xs) - 1, int(len(xs) * 0.99))]
@@ -170,7 +176,7 @@ def run(apps: int, rollouts: int, seconds: float) -> list:
         B("load", "zmq+http", size, "events_per_s", sent / wall, "1/s", f"wall={wall:.0f}s"),
         B("load", "zmq+http", size, "daemon_rss_after_warmup", warm[0], "MiB"),
         B("load", "zmq+http", size, "daemon_rss_end", rss[-1][1], "MiB",
-          f"max={max(m for _, m in rss):.0f}"),
+          f"max={max(m for _, m in rss):.0f} over time: {_timeline(rss)}"),
         B("load", "zmq+http", size, "record_transition_p50", p50, "us", "median over apps"),
         B("load", "zmq+http", size, "record_transition_p99", p99, "us", "worst app"),
         B("load", "zmq+http", size, "health_p50", h50 * 1e3, "ms", f"n={len(health)}"),
