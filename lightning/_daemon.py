@@ -950,10 +950,10 @@ class Daemon:
             return self._nack(
                 "retired",
                 f"client id {cid} was retired (it said Goodbye, or was idle past "
-                "--client-ttl-s) and this batch starts at sequence "
-                f"{batch.first_seq}: a retired id comes back only as a fresh stream from "
-                "sequence 1, since the daemon no longer knows which of its events it "
-                "stored; these events are refused (use a new client id)",
+                f"--client-ttl-s) and this batch (first_seq {batch.first_seq}, resync "
+                f"{batch.resync}) continues its old stream: a retired id comes back only "
+                "as a fresh stream from sequence 1, since the daemon no longer knows which "
+                "of its events it stored; these events are refused (use a new client id)",
                 client_id=cid,
             )
         if state.is_duplicate(batch):

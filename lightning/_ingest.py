@@ -181,10 +181,13 @@ class IngestState:
         self.counters["clients_retired." + reason] += 1
 
     def is_stale_retired(self, batch: Batch) -> bool:
-        """A batch for a retired id that does not start a fresh stream (seq 1): the daemon
-        cannot tell which of its events it stored before the id was retired."""
+        """A batch for a retired id that does not start a fresh stream (seq 1, no
+        ``resync``): a resync says the sender continues an older stream (a dead process's
+        spill log, whatever its first number), and the daemon cannot tell which of its
+        events it stored before the id was retired."""
         cid = batch.client_id
-        return batch.first_seq > 1 and cid not in self.hwm and cid in self.retired
+        return ((batch.first_seq > 1 or batch.resync) and cid not in self.hwm
+                and cid in self.retired)
 
     def snapshot(self, *, wal_from: str, committed: int, pending: list[Trajectory]) -> Snapshot:
         """This state as a :class:`Snapshot` (shares the event objects: encode it at once)."""

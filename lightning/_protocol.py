@@ -360,9 +360,10 @@ class Goodbye(_Base, tag="goodbye"):
     never sends it (the daemon prunes idle ids after ``--client-ttl-s`` instead).
 
     A retired id may come back only as a fresh stream: Hello (the Welcome says
-    ``acked_through=0``) and sequence numbers from 1. A batch for it that starts later
-    (a stale resync) is refused with a ``retired`` nack: the daemon no longer knows which
-    of those events it stored.
+    ``acked_through=0``) and sequence numbers from 1. A batch for it that starts later,
+    or any ``resync`` batch (a stale spill log replayed under it), is refused with a
+    non-retryable ``retired`` nack: the daemon no longer knows which of those events it
+    stored.
     """
 
     client_id: str

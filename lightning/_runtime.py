@@ -760,6 +760,12 @@ class Runtime:
         if delivered:
             _remove_spill_dir(s.path, s.lock_fd)
             logger.info("runtime.orphan_spill_delivered", client_id=s.client_id)
+            if self._session and s.welcomed:
+                # the dead process's id has nothing left anywhere: let the daemon retire
+                # it (best effort, unanswered: if lost, its client TTL does)
+                self._send_raw(encode_message(Goodbye(client_id=s.client_id,
+                                                      acked_through=s.acked_through)))
+                self.counters["goodbyes_sent"] += 1
         else:  # undelivered records stay in their directory for a later process
             os.close(s.lock_fd)
 

@@ -88,7 +88,10 @@ def test_a_stale_resync_of_a_retired_id_is_refused_after_restart(tmp_path, compa
     nack = h2.send(_batch(2, [_end("a", 0)], resync=True))
     assert isinstance(nack, Nack) and nack.code == "retired" and not nack.retry
     assert "fresh stream from sequence 1" in nack.reason
-    assert h2.daemon.stats()["nacked.retired"] == 1
+    # ...or from seq 1: a resync continues an old stream, whatever its first number
+    nack = h2.send(_batch(1, [_start("a"), _end("a", 0)], resync=True))
+    assert isinstance(nack, Nack) and nack.code == "retired"
+    assert h2.daemon.stats()["nacked.retired"] == 2
     assert h2.daemon.state.counters["events_accepted"] == 2  # nothing stored twice
     h2.close()
 
@@ -256,3 +259,37 @@ async def test_runtime_with_a_spill_log_left_does_not_say_goodbye(tmp_path):
         await agent()
     assert rt.stats()["goodbyes_sent"] == 0
     assert (tmp_path / "spill" / rt.client_id).exists()
+
+
+async def test_a_replayed_orphan_log_retires_the_dead_id_once_delivered(tmp_path):
+    spill = str(tmp_path / "spill")
+    hub = MemoryHub()
+    hub.set_down(True)
+    async with lightning.session(
+        transport=hub.connect(), spill_dir=spill, shutdown_grace_s=0.1
+    ) as dead:
+
+        @lightning.rollout
+        async def agent() -> float:
+            lightning.record_transition([1, 2], [3], [-0.1])
+            return 1.0
+
+        for _ in range(4):
+            await agent()
+    assert dead.stats()["goodbyes_sent"] == 0  # it left a spill log: no Goodbye
+    hub.set_down(False)
+    daemon = Daemon(
+        DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0), transport=hub
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.serve)
+        async with lightning.session(transport=hub.connect(), spill_dir=spill) as rt:
+            with anyio.fail_after(30):
+                while dead.client_id not in daemon.state.retired:
+                    await anyio.sleep(0.01)
+            assert rt.pending_events() == 0
+        assert daemon.stats()["clients_known"] == 0
+        assert daemon.stats()["clients_retired.goodbye"] == 2  # the dead id, then its own
+        tg.cancel_scope.cancel()
+    state, pending, _ = recover(tmp_path / "data")
+    assert state.counters["events_accepted"] == 4 * 3 and len(pending) == 4
