@@ -819,13 +819,14 @@ class Runtime:
             self._wake.clear()
 
     async def _goodbye(self) -> None:
-        """On a clean close with nothing left (every event acknowledged, no spill log,
-        no orphan replay in progress), tell the daemon the stream ends, so it can retire
+        """On a clean close with nothing left (every event acknowledged, no spill log),
+        tell the daemon this process's stream ends, so it can retire
         this client id instead of keeping its mark until the client TTL; waits up to 1 s
         for the answer. New events are refused from here on (``events_after_shutdown``):
         one recorded after the Goodbye would otherwise be spilled under a retired id."""
-        if not self._session or self._orphans:
+        if not self._session:
             return
+        self._maybe_finish_spill()  # a spill log drained just now: dropped first
         with self._lock:
             if (self._queue or self._held or self._spill_unread or self._spilling
                     or self._stream.inflight or self._stream.acked_through != self._next_seq - 1):

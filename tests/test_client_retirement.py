@@ -293,3 +293,36 @@ async def test_a_replayed_orphan_log_retires_the_dead_id_once_delivered(tmp_path
         tg.cancel_scope.cancel()
     state, pending, _ = recover(tmp_path / "data")
     assert state.counters["events_accepted"] == 4 * 3 and len(pending) == 4
+
+
+async def test_a_runtime_whose_spill_log_drained_says_goodbye(tmp_path):
+    hub = MemoryHub()
+    daemon = Daemon(
+        DaemonConfig(data_dir=str(tmp_path / "data"), stats_interval_s=0), transport=hub
+    )
+    spill = tmp_path / "spill"
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.serve)
+        hub.set_down(True)
+        async with lightning.session(
+            transport=hub.connect(), spill_dir=str(spill), max_queue_events=2
+        ) as rt:
+
+            @lightning.rollout
+            async def agent() -> float:
+                lightning.record_transition([1, 2], [3], [-0.1])
+                return 1.0
+
+            for _ in range(5):
+                await agent()
+            assert rt.stats()["events_spilled"] > 0
+            hub.set_down(False)
+            with anyio.fail_after(30):
+                while rt.pending_events():
+                    await anyio.sleep(0.01)
+        assert rt.stats()["goodbyes_sent"] == 1 and rt.stats()["client_id_retired"] == 1
+        assert daemon.stats()["clients_known"] == 0
+        tg.cancel_scope.cancel()
+    assert not list((spill / rt.client_id).rglob("*.log"))  # no spill log left behind
+    state, pending, _ = recover(tmp_path / "data")
+    assert state.counters["events_accepted"] == 15 and len(pending) == 5
