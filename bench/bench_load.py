@@ -1,6 +1,6 @@
 """Load: many app processes streaming rollouts into one daemon that also serves HTTP.
 
-``python -m bench.bench_load [--apps 8 --rollouts 100 --seconds 120]`` starts one
+``python -m bench.bench_load [--apps 8 --rollouts 100 --seconds 120 --fsync never]`` starts one
 ``lightning-daemon`` (tiny model, policy server on, training off: ``--ingest-only``), then
 ``--apps`` app processes, each running ``--rollouts`` concurrent rollouts of transitions of
 512 prompt + 128 response tokens (with log-probs) for ``--seconds``. Meanwhile this process
@@ -91,6 +91,12 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _timeline(rss: list[tuple[float, float]], points: int = 8) -> str:
+    """RSS at ``points`` evenly spaced samples: ``t=MiB`` pairs (flat = bounded)."""
+    step = max(1, len(rss) // points)
+    return " ".join(f"{t:.0f}s={m:.0f}" for t, m in rss[::step])
+
+
 def _quantiles(xs: list[float]) -> tuple[float, float]:
     xs = sorted(xs)
     return xs[len(xs) // 2], xs[min(len(xs) - 1, int(len(xs) * 0.99))]
@@ -114,7 +120,7 @@ def _probe(base: str, stop: threading.Event, health: list, chat: list) -> None:
             stop.wait(0.05)
 
 
-def run(apps: int, rollouts: int, seconds: float) -> list:
+def run(apps: int, rollouts: int, seconds: float, fsync: str = "never") -> list:
     from bench.harness import BenchResult
     from lightning.models import tiny_model_path
     from lightning.testing import recover
@@ -128,7 +134,8 @@ def run(apps: int, rollouts: int, seconds: float) -> list:
             [sys.executable, "-m", "lightning._cli", "--bind", addr, "--data-dir", f"{tmp}/data",
              "--model", str(tiny_model_path(seed=0)), "--http-port", "0", "--served-model-name",
              "tiny", "--max-model-len", "512", "--ingest-only", "--print-address",
-             "--stats-interval-s", "0", "--log-level", "warning", "--buffer-size", str(10**7)],
+             "--stats-interval-s", "0", "--log-level", "warning", "--buffer-size", str(10**7),
+             "--fsync", fsync],
             stdout=subprocess.PIPE, env=_env(), cwd=ROOT)
         try:
             daemon.stdout.readline()
@@ -160,6 +167,8 @@ def run(apps: int, rollouts: int, seconds: float) -> list:
         stored = state.counters["events_accepted"]
         acked = sum(r["acked"] for r in results)
     size = f"{apps}x{rollouts} {seconds:g}s p{PROMPT}/r{RESPONSE}"
+    if fsync != "never":
+        size += f" fsync={fsync}"
     warm = [m for t, m in rss if t >= min(30.0, seconds / 4)] or [rss[-1][1]]
     h50, h99 = _quantiles(health)
     c50, c99 = _quantiles(chat) if chat else (float("nan"), float("nan"))
@@ -170,7 +179,7 @@ def run(apps: int, rollouts: int, seconds: float) -> list:
         B("load", "zmq+http", size, "events_per_s", sent / wall, "1/s", f"wall={wall:.0f}s"),
         B("load", "zmq+http", size, "daemon_rss_after_warmup", warm[0], "MiB"),
         B("load", "zmq+http", size, "daemon_rss_end", rss[-1][1], "MiB",
-          f"max={max(m for _, m in rss):.0f}"),
+          f"max={max(m for _, m in rss):.0f} over time: {_timeline(rss)}"),
         B("load", "zmq+http", size, "record_transition_p50", p50, "us", "median over apps"),
         B("load", "zmq+http", size, "record_transition_p99", p99, "us", "worst app"),
         B("load", "zmq+http", size, "health_p50", h50 * 1e3, "ms", f"n={len(health)}"),
@@ -189,6 +198,8 @@ def main() -> None:
     p.add_argument("--rollouts", type=int, default=100)
     p.add_argument("--seconds", type=float, default=120.0)
     p.add_argument("--quick", action="store_true", help="2 apps x 20 rollouts for 10 s")
+    p.add_argument("--fsync", choices=("never", "always"), default="never",
+                   help="the daemon's --fsync (always: a group commit per round)")
     p.add_argument("--role", default="main")
     p.add_argument("--address")
     p.add_argument("--spill-dir")
@@ -200,7 +211,7 @@ def main() -> None:
 
     if a.quick:
         a.apps, a.rollouts, a.seconds = 2, 20, 10.0
-    record(run(a.apps, a.rollouts, a.seconds))
+    record(run(a.apps, a.rollouts, a.seconds, a.fsync))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-ttl-s", type=float, default=d.rollout_ttl_s,
                    help="a rollout open this long without its end is ended as failed "
                    "('expired', counted; the --on-failure policy applies); 0: never")
+    p.add_argument("--client-ttl-s", type=float, default=d.client_ttl_s,
+                   help="retire a client id that never said Goodbye after this long idle "
+                   "(not connected, no open rollouts; counted); 0: never (default 24 h)")
     p.add_argument("--curve-secret-key", default="", metavar="FILE",
                    help="the daemon's NAME.key_secret (from `lightning-daemon keygen`)")
     p.add_argument("--curve-authorized-keys", default="", metavar="DIR",
@@ -164,6 +167,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
             heartbeat_s=args.heartbeat_s,
             wal_compact_bytes=args.wal_compact_bytes,
             rollout_ttl_s=args.rollout_ttl_s,
+            client_ttl_s=args.client_ttl_s,
             curve_secret_key_file=args.curve_secret_key,
             curve_authorized_keys=args.curve_authorized_keys,
             log_level=args.log_level,

@@ -141,14 +141,21 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     peer_idle_s: float = 120.0
     """A connection silent this long (runtimes ping every second while idle) is forgotten:
     its session and the client ids it owned; if it speaks again it is told to say Hello."""
+    client_ttl_s: float = 86400.0
+    """A client id that never said Goodbye (a crashed process, an older runtime) and sent
+    nothing for this long, with no connection owning it and no open rollout holding its
+    events, is retired: its de-duplication mark is dropped (logged, so recovery agrees;
+    counted in ``clients_retired.idle``). It may come back only as a fresh stream from
+    sequence 1; a stale resync of it is refused (``retired``). Keep it longer than a dead
+    process's spill log may wait to be replayed. 0: never."""
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 1024:
             raise ConfigError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
         if self.buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {self.buffer_size}")
-        for name in ("rollout_ttl_s", "peer_idle_s"):
-            if getattr(self, name) < 0:
+        for name in ("rollout_ttl_s", "peer_idle_s", "client_ttl_s"):
+            if not getattr(self, name) >= 0:  # NaN too
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.wal_compact_bytes < 0:
             raise ConfigError(f"wal_compact_bytes must be >= 0, got {self.wal_compact_bytes}")

@@ -31,27 +31,32 @@ import anyio
 import msgspec
 import structlog
 from anyio.abc import TaskStatus
+from anyio.lowlevel import checkpoint
 
 from ._config import DaemonConfig
 from ._errors import ProtocolError
 from ._ingest import GapError, IngestState, Snapshot, Trajectory
-from ._log import AppendLog
+from ._log import AppendLog, fsync_all, unlink_segments
 from ._protocol import (
     PROTOCOL_VERSION,
     Ack,
     Batch,
     Error,
     Event,
+    Farewell,
     FlowControl,
+    Goodbye,
     Hello,
     Nack,
     Ping,
     Pong,
     Rejection,
+    Retired,
     Reward,
     RolloutEnd,
     RolloutStart,
     Transition,
+    WalRecord,
     Welcome,
     check_hello,
     decode_event,
@@ -68,6 +73,11 @@ from ._transport.base import ServerTransport
 logger = structlog.get_logger()
 
 __all__ = ["Daemon", "LocalCapture", "TrajectoryBuffer", "recover"]
+
+YIELD_EVERY_FRAMES = 32
+"""The receive loop yields to the event loop after this many frames..."""
+YIELD_EVERY_S = 0.002
+"""...or after this many seconds of handling frames, whichever comes first."""
 
 
 class TrajectoryBuffer:
@@ -169,12 +179,15 @@ def recover(
     return state, pending, committed
 
 
-_wal_decoder = msgspec.msgpack.Decoder(Batch)
+_wal_decoder = msgspec.msgpack.Decoder(WalRecord)
 
 
 def _replay(state: IngestState, frame: bytes) -> list[Trajectory]:
     """Apply one write-ahead log record; a gap before it is accepted (and counted)."""
     batch = _wal_decoder.decode(frame)
+    if type(batch) is Retired:
+        state.retire(batch.client_id, batch.through, batch.reason)
+        return []
     try:
         state.check_gap(batch)
     except GapError:
@@ -227,6 +240,16 @@ def _read_snapshot(data_dir: Path) -> Snapshot | None:
         ) from exc
 
 
+def _write_snapshot(data_dir: Path, data: bytes) -> None:
+    """Write, fsync and rename a snapshot into place (blocking: a worker thread's job)."""
+    tmp = data_dir / (_SNAPSHOT + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, data_dir / _SNAPSHOT)
+
+
 def _read_cursor(data_dir: Path) -> int:
     try:
         return int((data_dir / "cursor").read_text().strip())
@@ -267,13 +290,25 @@ class Daemon:
         self._expiry_seq = 0
         # rollout id -> set once it is open or finished (LocalCapture.wait_open)
         self._start_waiters: dict[str, _Waiting] = {}
+        self._client_seen: dict[str, float] = {}  # client id -> last Hello/batch (TTL)
+        # Group commit (fsync=always): replies and completed trajectories wait for the
+        # fsync that covers every record appended before them (see _sync_loop).
+        self._group_commit = self.config.fsync == "always"
+        self._held_replies: list[tuple[bytes, bytes]] = []
+        self._held_trajectories: list[Trajectory] = []
+        self._syncing = False
+        self._sync_wake = anyio.Event()
+        # compaction off the event loop once serving (see _compaction_loop)
+        self._compaction_task = False
+        self._compacting = False
+        self._compact_wake = anyio.Event()
 
     # ------------------------------------------------------------------ service
 
     async def serve(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         self._recover()
-        self._wal = AppendLog(self._data_dir / "wal")
+        self._wal = AppendLog(self._data_dir / "wal", group_sync=self._group_commit)
         if self._quarantined_at_start:
             self.compact()
         transport = self._transport
@@ -302,25 +337,108 @@ class Daemon:
                 if cfg.stats_interval_s > 0:
                     tg.start_soon(self._stats_loop)
                 tg.start_soon(self._maintenance_loop)
+                tg.start_soon(self._compaction_loop)
+                if self._group_commit:
+                    tg.start_soon(self._sync_loop)
                 task_status.started(self.address)
-                throttle = encode_message(
-                    FlowControl(pause_s=0.05, reason="trajectory buffer nearly full")
-                )
-                while True:
-                    peer, frame = await transport.recv()
-                    reply = self.handle(peer, frame)
-                    if reply is not None:
-                        transport.send(peer, reply)
-                    if self.buffer.nearly_full():
-                        # Soft backpressure before the hard "busy" refusals start.
-                        self.counters["flow_control_sent"] += 1
-                        transport.send(peer, throttle)
+                await self._receive_loop(transport)
         finally:
             with anyio.CancelScope(shield=True):
+                if self._group_commit and self._wal.unsynced:
+                    try:  # what was appended reaches the disk (its acks were never sent)
+                        self._wal.sync()
+                    except OSError as exc:
+                        logger.error("daemon.final_fsync_failed", error=str(exc))
                 self._wal.close()
                 if owned:
                     await transport.aclose()
                 logger.info("daemon.stopped", **self.stats())
+
+    async def _receive_loop(self, transport: ServerTransport) -> None:
+        """Receive, handle, reply; forever.
+
+        It yields to the event loop every :data:`YIELD_EVERY_FRAMES` frames or
+        :data:`YIELD_EVERY_S` seconds of work, whichever comes first: a receive that is
+        already complete (frames queued in ZeroMQ during a burst) returns without
+        yielding, and without these checkpoints the consumer (the trainer), the stats
+        and maintenance loops and the HTTP server would wait for the burst to end, while
+        completed trajectories pile up in the buffer.
+        """
+        throttle = encode_message(
+            FlowControl(pause_s=0.05, reason="trajectory buffer nearly full")
+        )
+        clock = time.perf_counter
+        frames = 0
+        since = clock()
+        while True:
+            peer, frame = await transport.recv()
+            reply = self.handle(peer, frame)
+            del frame  # the receive buffer is not kept past its frame
+            if reply is not None:
+                self._reply(peer, reply)
+            if self.buffer.nearly_full():
+                # Soft backpressure before the hard "busy" refusals start.
+                self.counters["flow_control_sent"] += 1
+                transport.send(peer, throttle)
+            frames += 1
+            if frames >= YIELD_EVERY_FRAMES or clock() - since >= YIELD_EVERY_S:
+                self.counters["receive_loop_yields"] += 1
+                await checkpoint()
+                frames = 0
+                since = clock()
+
+    def _reply(self, peer: bytes, reply: bytes) -> None:
+        """Send a reply now, or, in a group commit with records not yet fsynced, once
+        they are: every reply may tell the client what is stored (an Ack, a gap Nack's
+        ``expected_seq``, a Welcome's ``acked_through``), so none overtakes the fsync
+        of what was appended before it."""
+        if self._group_commit and (self._syncing or self._wal.unsynced):
+            self._held_replies.append((peer, reply))
+            self._sync_wake.set()
+        else:
+            self._transport.send(peer, reply)
+
+    async def _sync_loop(self) -> None:
+        """Group commit (``fsync=always``): fsync in a worker thread, covering every
+        record appended so far, while the receive loop goes on appending; then send the
+        replies and hand over the trajectories that waited for it. One fsync covers
+        every frame that arrived during the previous one.
+
+        An fsync that fails stops the daemon (after the kernel reports a write-back
+        error, the pages may be dropped and a retry would succeed falsely): nothing it
+        covered was acknowledged, and a restart recovers what reached the disk; the
+        clients resend the rest.
+        """
+        wal = self._wal
+        assert wal is not None
+        while True:
+            await self._sync_wake.wait()
+            self._sync_wake = anyio.Event()
+            while self._held_replies or self._held_trajectories or wal.unsynced:
+                replies, self._held_replies = self._held_replies, []
+                trajectories, self._held_trajectories = self._held_trajectories, []
+                fds = wal.begin_sync()
+                self._syncing = True
+                t0 = time.perf_counter()
+                try:
+                    await anyio.to_thread.run_sync(fsync_all, fds)
+                except OSError as exc:
+                    logger.critical(
+                        "daemon.fsync_failed", data_dir=str(self._data_dir), error=str(exc),
+                        consequence="the daemon stops: nothing the fsync covered was "
+                        f"acknowledged ({len(replies)} replies dropped); restart it to "
+                        "recover what reached the disk, clients resend the rest")
+                    raise
+                finally:
+                    self._syncing = False
+                    wal.end_sync(fds)
+                self.counters["group_commits"] += 1
+                self.counters["group_commit_replies"] += len(replies)
+                self.counters["group_commit_us"] += int((time.perf_counter() - t0) * 1e6)
+                for traj in trajectories:
+                    self.buffer.put(traj)
+                for peer, reply in replies:
+                    self._transport.send(peer, reply)
 
     def _recover(self) -> None:
         t0 = time.perf_counter()
@@ -406,7 +524,9 @@ class Daemon:
         the disk refuses it."""
         wal = self._wal
         assert wal is not None
-        wal.append(frame, sync=self.config.fsync == "always")
+        wal.append(frame)  # fsync=always: the group commit (_sync_loop) syncs it
+        if self._group_commit:
+            self._sync_wake.set()
         if self._disk_full_since is not None:
             logger.warning("daemon.disk_space_back", data_dir=str(self._data_dir),
                            seconds_full=round(time.monotonic() - self._disk_full_since, 1))
@@ -431,7 +551,11 @@ class Daemon:
     def _completed(self, traj: Trajectory) -> None:
         if traj.index > self.buffer.committed_through:
             self._uncommitted[traj.index] = traj
-        self.buffer.put(traj)
+        if self._group_commit and (self._syncing or self._wal.unsynced):
+            self._held_trajectories.append(traj)  # trained on only once durable
+            self._sync_wake.set()
+        else:
+            self.buffer.put(traj)
 
     def _write_cursor(self, index: int) -> None:
         tmp = self._data_dir / "cursor.tmp"
@@ -448,38 +572,81 @@ class Daemon:
             del self._uncommitted[i]
         limit = self.config.wal_compact_bytes
         # (a consumer may commit while the daemon shuts down: the log is closed by then)
-        if limit and self._wal is not None and not self._wal.closed:
-            if self._wal.size_bytes() - self._wal_compacted_at >= limit:
+        if (limit and self._wal is not None and not self._wal.closed and not self._compacting
+                and self._wal.size_of_all() - self._wal_compacted_at >= limit):
+            if self._compaction_task:  # serving: the file work leaves the event loop
+                self._compact_wake.set()
+                return
+            try:
+                self.compact()
+            except OSError as exc:  # the log is intact: compaction waits for space
+                self._compaction_failed(exc)
+
+    def _compaction_failed(self, exc: OSError) -> None:
+        self.counters["wal_compaction_failed"] += 1
+        (self._data_dir / (_SNAPSHOT + ".tmp")).unlink(missing_ok=True)
+        logger.error("daemon.wal_compaction_failed", error=str(exc))
+
+    async def _compaction_loop(self) -> None:
+        """Compactions asked for by commits while serving: the snapshot is taken and
+        encoded on the event loop (the state is live there), then written, fsynced,
+        renamed into place and the old segments deleted in a worker thread."""
+        self._compaction_task = True
+        try:
+            while True:
+                await self._compact_wake.wait()
+                self._compact_wake = anyio.Event()
                 try:
-                    self.compact()
-                except OSError as exc:  # the log is intact: compaction waits for space
-                    self.counters["wal_compaction_failed"] += 1
-                    (self._data_dir / (_SNAPSHOT + ".tmp")).unlink(missing_ok=True)
-                    logger.error("daemon.wal_compaction_failed", error=str(exc))
+                    await self.compact_async()
+                except OSError as exc:
+                    self._compaction_failed(exc)
+        finally:
+            self._compaction_task = False
 
     def compact(self) -> int:
         """Snapshot the ingest state and delete the write-ahead log before it; returns the
         bytes freed. Recovery then starts from the snapshot (same state, same pending
-        trajectories) and replays only the log after it."""
+        trajectories) and replays only the log after it. Blocking (file writes, fsync,
+        deletes): while serving, commits use :meth:`compact_async`."""
+        t0 = time.perf_counter()
+        wal_from, data, snap = self._take_snapshot()
+        _write_snapshot(self._data_dir, data)
+        freed = unlink_segments(self._wal.detach_before(wal_from))
+        return self._compacted(freed, data, snap, t0)
+
+    async def compact_async(self) -> int:
+        """:meth:`compact` with the file work in a worker thread; the event loop goes on
+        receiving (into the segment the snapshot does not cover) meanwhile."""
+        if self._compacting:
+            return 0
+        self._compacting = True
+        try:
+            t0 = time.perf_counter()
+            wal_from, data, snap = self._take_snapshot()
+            await anyio.to_thread.run_sync(_write_snapshot, self._data_dir, data)
+            wal = self._wal
+            if wal is None or wal.closed:
+                return 0
+            freed = await anyio.to_thread.run_sync(unlink_segments,
+                                                   wal.detach_before(wal_from))
+            return self._compacted(freed, data, snap, t0)
+        finally:
+            self._compacting = False
+
+    def _take_snapshot(self) -> tuple[str, bytes, Snapshot]:
         wal = self._wal
         if wal is None:
             raise RuntimeError("the daemon is not serving: start Daemon.serve first")
-        t0 = time.perf_counter()
         wal.flush()
         wal_from = wal.rotate()
         snap = self.state.snapshot(
             wal_from=wal_from, committed=self.buffer.committed_through,
             pending=list(self._uncommitted.values()),
         )
-        data = msgspec.msgpack.encode(snap)
-        tmp = self._data_dir / (_SNAPSHOT + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._data_dir / _SNAPSHOT)
-        freed = wal.drop_before(wal_from)
-        self._wal_compacted_at = wal.size_bytes()
+        return wal_from, msgspec.msgpack.encode(snap), snap
+
+    def _compacted(self, freed: int, data: bytes, snap: Snapshot, t0: float) -> int:
+        self._wal_compacted_at = self._wal.size_of_all()
         self.counters["wal_compactions"] += 1
         logger.info(
             "daemon.wal_compacted", freed_bytes=freed, snapshot_bytes=len(data),
@@ -492,7 +659,8 @@ class Daemon:
 
     async def _maintenance_loop(self) -> None:
         cfg = self.config
-        periods = [t / 10 for t in (cfg.rollout_ttl_s, cfg.peer_idle_s) if t > 0]
+        periods = [t / 10 for t in (cfg.rollout_ttl_s, cfg.peer_idle_s, cfg.client_ttl_s)
+                   if t > 0]
         if not periods:
             return
         interval = min(5.0, *periods)
@@ -501,15 +669,62 @@ class Daemon:
             self.maintain()
 
     def maintain(self, now: float | None = None) -> int:
-        """Expire open rollouts past ``rollout_ttl_s`` and forget connections silent
-        past ``peer_idle_s``; returns how many rollouts expired. Called periodically."""
+        """Expire open rollouts past ``rollout_ttl_s``, forget connections silent past
+        ``peer_idle_s`` and retire client ids idle past ``client_ttl_s``; returns how
+        many rollouts expired. Called periodically."""
         now = time.monotonic() if now is None else now
         idle = self.config.peer_idle_s
         if idle > 0:
             for peer in [p for p, t in self._peer_seen.items() if now - t > idle]:
                 self.forget_peer(peer)
                 self.counters["peers_forgotten"] += 1
-        return self._expire_rollouts(now) if self.config.rollout_ttl_s > 0 else 0
+        expired = self._expire_rollouts(now) if self.config.rollout_ttl_s > 0 else 0
+        if self.config.client_ttl_s > 0:
+            self._prune_idle_clients(now)
+        return expired
+
+    def _prune_idle_clients(self, now: float) -> int:
+        """Retire client ids that never said Goodbye and were idle past ``client_ttl_s``
+        (ids recovered from the log count from this process's first look), where that is
+        safe: no connection owns the id, no open rollout holds its events, and it is not
+        one of this daemon's own streams. Each is logged (a :class:`Retired` record,
+        reason ``idle``) before it is dropped, so recovery agrees; returns how many."""
+        ttl = self.config.client_ttl_s
+        seen = self._client_seen
+        state = self.state
+        own = (self._local_id, self._expiry_id)
+        for cid in [c for c in seen if c not in state.hwm and c not in self._owner]:
+            del seen[cid]  # said Hello, sent nothing, gone: nothing to retire
+        candidates = [cid for cid in state.hwm
+                      if cid not in self._owner and cid not in own
+                      and now - seen.setdefault(cid, now) >= ttl]
+        if not candidates:
+            return 0
+        busy = set()  # ids whose events an open rollout holds
+        for o in state.open.values():
+            busy.add(o.client_id)
+            busy.update(o.counts)
+            busy.update(o.reward_sources)
+            busy.update(o.span_sources)
+        pruned = 0
+        for cid in candidates:
+            if cid in busy:
+                self.counters["clients_idle_kept_open_rollouts"] += 1
+                continue
+            through = state.hwm[cid]
+            try:
+                self._store(encode_message(Retired(client_id=cid, through=through,
+                                                   reason="idle")))
+            except OSError as exc:
+                self._disk_full(cid, exc)
+                break  # tried again at the next round
+            state.retire(cid, through, "idle")
+            seen.pop(cid, None)
+            pruned += 1
+        if pruned:
+            logger.info("daemon.idle_clients_retired", count=pruned, ttl_s=ttl,
+                        hint="a retired id may come back only as a fresh stream (seq 1)")
+        return pruned
 
     def _expire_rollouts(self, now: float) -> int:
         open_ = self.state.open
@@ -561,6 +776,8 @@ class Daemon:
             "buffered": len(self.buffer),
             "sessions": len(self._sessions),
             "clients_connected": len(self._owner),
+            "clients_known": len(self.state.hwm),
+            "client_tombstones": len(self.state.retired),
         }
 
     # ------------------------------------------------------------------ frames
@@ -594,6 +811,8 @@ class Daemon:
                 return self._on_batch(peer, msg, encode_message(msg) if repaired else frame)
             case Hello():
                 return self._on_hello(peer, msg)
+            case Goodbye():
+                return self._on_goodbye(peer, msg)
             case Ping() if peer not in self._sessions:
                 # A connection this daemon has no session for (it restarted, or forgot a
                 # silent peer): answering Pong would tell a client whose frames died with
@@ -642,7 +861,7 @@ class Daemon:
             )
         self._owner[cid] = peer
         self._sessions.setdefault(peer, set()).add(cid)
-        self._peer_seen[peer] = time.monotonic()
+        self._peer_seen[peer] = self._client_seen[cid] = time.monotonic()
         return encode_message(
             Welcome(
                 protocol_version=PROTOCOL_VERSION,
@@ -653,6 +872,48 @@ class Daemon:
                 client_id=cid,
             )
         )
+
+    def _on_goodbye(self, peer: bytes, bye: Goodbye) -> bytes:
+        """Retire a client id whose stream ended cleanly: log a :class:`Retired` record,
+        forget the id's mark and session; answer :class:`Farewell`."""
+        cid = bye.client_id
+
+        def refuse(reason: str) -> bytes:
+            self.counters["goodbyes_refused"] += 1
+            logger.info("daemon.goodbye_refused", client_id=cid, reason=reason)
+            return encode_message(Farewell(client_id=cid, retired=False, reason=reason))
+
+        if cid not in self._sessions.get(peer, ()):
+            return refuse("this connection does not own the client id (say Hello for it "
+                          "first; only its owner may retire it)")
+        if cid in (self._local_id, self._expiry_id):
+            return refuse("the daemon's own streams cannot be retired")
+        stored = self.state.hwm.get(cid, 0)
+        if bye.acked_through != stored:
+            return refuse(f"the daemon stored this client's events through sequence "
+                          f"{stored}, the client says {bye.acked_through}: the id stays "
+                          "(send what is missing, or let --client-ttl-s prune it)")
+        try:
+            self._store(encode_message(Retired(client_id=cid, through=stored,
+                                               reason="goodbye")))
+        except OSError as exc:
+            return refuse(f"the daemon could not log the retirement ({exc.strerror or exc})")
+        self.state.retire(cid, stored, "goodbye")
+        self._forget_client(cid)
+        logger.info("daemon.client_retired", client_id=cid, through=stored, reason="goodbye")
+        return encode_message(Farewell(client_id=cid, retired=True))
+
+    def _forget_client(self, cid: str) -> None:
+        """Drop a retired id's session and activity; a connection left owning nothing
+        is forgotten too (its next frame is told to say Hello)."""
+        self._client_seen.pop(cid, None)
+        peer = self._owner.pop(cid, None)
+        if peer is not None:
+            ids = self._sessions.get(peer)
+            if ids is not None:
+                ids.discard(cid)
+                if not ids:
+                    self.forget_peer(peer)
 
     def _disown(self, peer: bytes, cid: str) -> None:
         # the fenced connection keeps its (maybe empty) session, so its next batch for
@@ -684,6 +945,17 @@ class Daemon:
         if batch.first_seq < 1 or not cid:
             return self._nack("invalid", "Batch needs a client_id and first_seq >= 1")
         state = self.state
+        self._client_seen[cid] = time.monotonic()
+        if state.retired and state.is_stale_retired(batch):
+            return self._nack(
+                "retired",
+                f"client id {cid} was retired (it said Goodbye, or was idle past "
+                f"--client-ttl-s) and this batch (first_seq {batch.first_seq}, resync "
+                f"{batch.resync}) continues its old stream: a retired id comes back only "
+                "as a fresh stream from sequence 1, since the daemon no longer knows which "
+                "of its events it stored; these events are refused (use a new client id)",
+                client_id=cid,
+            )
         if state.is_duplicate(batch):
             self.counters["frames_duplicate"] += 1
             state.counters["events_duplicate"] += len(batch.events)

@@ -131,6 +131,9 @@ class Snapshot(msgspec.Struct, kw_only=True):
     """The consumer's commit point when the snapshot was taken."""
     pending: list[Trajectory]
     """Completed trajectories after ``committed``: still needed by the consumer."""
+    retired: list[str] = []
+    """Client ids retired (Goodbye, or idle past the TTL) and not back since, oldest
+    first (absent from snapshots before retirement existed: none)."""
 
 
 class BatchResult(msgspec.Struct):
@@ -142,13 +145,49 @@ class BatchResult(msgspec.Struct):
 
 
 class IngestState:
-    def __init__(self, *, max_finished_remembered: int = 1_000_000) -> None:
+    """De-duplication marks (``hwm``: client id -> highest sequence number stored), the
+    open rollouts, and what finished.
+
+    Bounds: ``hwm`` loses an id when the id is retired (:meth:`retire`: after the client's
+    Goodbye, or when it was idle past the daemon's ``client_ttl_s``); the id is then
+    remembered in ``retired`` (a tombstone, at most ``max_retired_remembered``, the oldest
+    forgotten first and counted in ``client_tombstones_evicted``) so that a stale batch
+    for it can be refused (:meth:`is_stale_retired`) instead of being stored again.
+    """
+
+    def __init__(self, *, max_finished_remembered: int = 1_000_000,
+                 max_retired_remembered: int = 1_000_000) -> None:
         self.hwm: dict[str, int] = {}
         self.open: dict[str, _Open] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.max_finished = max_finished_remembered
+        self.retired: OrderedDict[str, None] = OrderedDict()
+        self.max_retired = max_retired_remembered
         self.completed = 0
         self.counters: Counter[str] = Counter()
+
+    def retire(self, client_id: str, through: int, reason: str) -> None:
+        """Forget ``client_id``'s high-water mark (it stored ``through``); remember the id
+        as retired. Deterministic: the daemon logs a :class:`~lightning._protocol.Retired`
+        record first, and replay calls this at the same point."""
+        had = self.hwm.pop(client_id, 0)
+        if had != through:  # the daemon checks before logging: only a foreign edit
+            self.counters["clients_retired_mark_mismatch"] += 1
+        self.retired[client_id] = None
+        self.retired.move_to_end(client_id)
+        if len(self.retired) > self.max_retired:
+            self.retired.popitem(last=False)
+            self.counters["client_tombstones_evicted"] += 1
+        self.counters["clients_retired." + reason] += 1
+
+    def is_stale_retired(self, batch: Batch) -> bool:
+        """A batch for a retired id that does not start a fresh stream (seq 1, no
+        ``resync``): a resync says the sender continues an older stream (a dead process's
+        spill log, whatever its first number), and the daemon cannot tell which of its
+        events it stored before the id was retired."""
+        cid = batch.client_id
+        return ((batch.first_seq > 1 or batch.resync) and cid not in self.hwm
+                and cid in self.retired)
 
     def snapshot(self, *, wal_from: str, committed: int, pending: list[Trajectory]) -> Snapshot:
         """This state as a :class:`Snapshot` (shares the event objects: encode it at once)."""
@@ -166,12 +205,16 @@ class IngestState:
             counters=dict(self.counters),
             committed=committed,
             pending=pending,
+            retired=list(self.retired),
         )
 
     @classmethod
-    def from_snapshot(cls, snap: Snapshot, *, max_finished_remembered: int = 1_000_000) -> "IngestState":
-        state = cls(max_finished_remembered=max_finished_remembered)
+    def from_snapshot(cls, snap: Snapshot, *, max_finished_remembered: int = 1_000_000,
+                      max_retired_remembered: int = 1_000_000) -> "IngestState":
+        state = cls(max_finished_remembered=max_finished_remembered,
+                    max_retired_remembered=max_retired_remembered)
         state.hwm = dict(snap.hwm)
+        state.retired = OrderedDict.fromkeys(snap.retired)
         for o in snap.open:
             op = _Open(o.start, o.client_id)
             op.transitions, op.rewards, op.spans = o.transitions, o.rewards, o.spans
@@ -203,6 +246,9 @@ class IngestState:
         cid = batch.client_id
         hwm = self.hwm.get(cid, 0)
         first = batch.first_seq
+        if self.retired and cid in self.retired:  # a retired id back as a fresh stream
+            del self.retired[cid]
+            self.counters["clients_returned_after_retirement"] += 1
         if first > hwm + 1:
             if not batch.resync:
                 raise GapError(hwm + 1)

@@ -7,7 +7,10 @@ of their first record. A record is::
 
 Each append is one ``writev`` system call, so a record is in the OS when
 :meth:`AppendLog.append` returns (what a SIGKILL-safe acknowledgement needs);
-:meth:`AppendLog.sync` additionally fsyncs, for power loss. An append that fails (disk
+:meth:`AppendLog.sync` additionally fsyncs, for power loss. For a group commit off the
+caller's thread, :meth:`AppendLog.begin_sync` hands out file descriptors that cover every
+record appended so far (the caller fsyncs them in a worker thread, meanwhile appending
+more, then gives them back with :meth:`AppendLog.end_sync`). An append that fails (disk
 full, a short write) is undone, the file truncated back to the record before it, and the
 ``OSError`` raised: the log never holds a torn record it did not report, so the caller
 can refuse (the daemon's retryable ``disk_full`` nack) or keep the record elsewhere (the
@@ -41,8 +44,14 @@ class AppendLog:
     uses it from one task).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, segment_bytes: int = 64 << 20) -> None:
+    def __init__(self, directory: str | os.PathLike, *, segment_bytes: int = 64 << 20,
+                 group_sync: bool = False) -> None:
         self.directory = Path(directory)
+        # group_sync: a segment rotated away with records not yet covered by a
+        # begin_sync keeps its descriptor open until the next begin_sync hands it out
+        self._group_sync = group_sync
+        self._unsynced = False  # records appended since the last begin_sync
+        self._retired_fds: list[int] = []
         self.directory.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
         self._segments: list[Path] = sorted(self.directory.glob("*" + _SUFFIX))
@@ -54,6 +63,8 @@ class AppendLog:
         self._tail = self._segments[-1]
         self._fd = _open_tail(self._tail)
         self._tail_size = os.fstat(self._fd).st_size
+        # sizes of the segments before the tail (size_of_all needs no system call)
+        self._sizes = {seg: seg.stat().st_size for seg in self._segments[:-1]}
         self.records_appended = 0
 
     # ----------------------------------------------------------------- writing
@@ -76,6 +87,7 @@ class AppendLog:
             raise
         self._tail_size += size
         self.records_appended += 1
+        self._unsynced = True
 
     def _undo(self) -> None:
         """Cut the tail back to the last whole record (after a failed append or sync)."""
@@ -89,7 +101,31 @@ class AppendLog:
 
     def sync(self) -> None:
         """fsync: records survive a machine crash too."""
-        os.fsync(self._fd)
+        fds = self.begin_sync()
+        try:
+            fsync_all(fds)
+        finally:
+            self.end_sync(fds)
+
+    def begin_sync(self) -> list[int]:
+        """Descriptors whose fsync makes every record appended so far durable (the tail
+        segment's, duplicated, and those of segments rotated away since the last call).
+        Any thread may fsync them (:func:`fsync_all`) while this log goes on appending;
+        hand them back with :meth:`end_sync`, which closes them."""
+        fds, self._retired_fds = self._retired_fds, []
+        fds.append(os.dup(self._fd))
+        self._unsynced = False
+        return fds
+
+    @staticmethod
+    def end_sync(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether records were appended since the last :meth:`begin_sync`."""
+        return self._unsynced
 
     @property
     def size_of_tail(self) -> int:
@@ -99,7 +135,11 @@ class AppendLog:
         start = int(self._tail.stem) + self._tail_size
         tail = self.directory / f"{start:020d}{_SUFFIX}"
         fd = _open_tail(tail)  # may fail (disk full): the current segment stays the tail
-        os.close(self._fd)
+        if self._group_sync and self._unsynced:
+            self._retired_fds.append(self._fd)  # the next begin_sync covers it
+        else:
+            os.close(self._fd)
+        self._sizes[self._tail] = self._tail_size
         self._fd, self._tail = fd, tail
         self._segments.append(tail)
         self._tail_size = 0
@@ -114,16 +154,22 @@ class AppendLog:
     def drop_before(self, name: str) -> int:
         """Delete every segment before segment ``name`` (names sort by offset); returns the
         bytes freed. The current segment is never deleted."""
-        freed = 0
-        keep = []
-        for seg in self._segments:
-            if seg.name < name and seg != self._tail:
-                freed += seg.stat().st_size if seg.exists() else 0
-                seg.unlink(missing_ok=True)
-            else:
-                keep.append(seg)
-        self._segments = keep
-        return freed
+        return unlink_segments(self.detach_before(name))
+
+    def detach_before(self, name: str) -> list[Path]:
+        """Forget every segment before segment ``name`` (never the current one) and return
+        their paths, for the caller to delete (:func:`unlink_segments`, in any thread:
+        deleting large files can block)."""
+        gone = [seg for seg in self._segments if seg.name < name and seg != self._tail]
+        self._segments = [seg for seg in self._segments if seg not in gone]
+        for seg in gone:
+            self._sizes.pop(seg, None)
+        return gone
+
+    def size_of_all(self) -> int:
+        """Bytes in the log's segments, as this log wrote them (no system call; equal to
+        :meth:`size_bytes` unless someone else changes the files)."""
+        return sum(self._sizes.values()) + self._tail_size
 
     # ----------------------------------------------------------------- reading
 
@@ -156,6 +202,7 @@ class AppendLog:
         for seg in self._segments:
             seg.unlink(missing_ok=True)
         self._segments = [self.directory / f"{0:020d}{_SUFFIX}"]
+        self._sizes = {}
         self._tail = self._segments[0]
         self._fd = _open_tail(self._tail)
         self._tail_size = 0
@@ -168,6 +215,8 @@ class AppendLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self.end_sync(self._retired_fds)
+        self._retired_fds = []
 
     def destroy(self) -> None:
         """Close and delete the log directory's segments (and the directory if empty)."""
@@ -194,6 +243,24 @@ class AppendLog:
             )
             with open(seg, "r+b") as f:
                 f.truncate(good)
+
+
+def unlink_segments(paths: list[Path]) -> int:
+    """Delete segment files (from :meth:`AppendLog.detach_before`); returns bytes freed."""
+    freed = 0
+    for seg in paths:
+        try:
+            freed += seg.stat().st_size
+        except FileNotFoundError:
+            continue
+        seg.unlink(missing_ok=True)
+    return freed
+
+
+def fsync_all(fds: list[int]) -> None:
+    """fsync each descriptor (from :meth:`AppendLog.begin_sync`); raises ``OSError``."""
+    for fd in fds:
+        os.fsync(fd)
 
 
 def _open_tail(path: Path) -> int:

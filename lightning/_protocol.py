@@ -15,6 +15,9 @@ Conversation::
     Ping                                 ──▶
                                          ◀──     Pong
                                          ◀──     FlowControl(pause_s)   daemon is saturated
+    Goodbye(client_id, acked_through)    ──▶     (clean shutdown, nothing left unacked or
+                                                  spilled: the daemon retires the id)
+                                         ◀──     Farewell(client_id, retired)
 
 Delivery is at-least-once with exactly-once storage: each event has a per-client sequence
 number (``Batch.first_seq + i``, starting at 1); the daemon accepts only the next expected
@@ -61,7 +64,9 @@ __all__ = [
     "Batch",
     "Error",
     "Event",
+    "Farewell",
     "FlowControl",
+    "Goodbye",
     "Hello",
     "Message",
     "Nack",
@@ -69,6 +74,7 @@ __all__ = [
     "Pong",
     "Refused",
     "Rejection",
+    "Retired",
     "Reward",
     "RolloutEnd",
     "RolloutStart",
@@ -76,6 +82,7 @@ __all__ = [
     "Span",
     "StoredEvent",
     "Transition",
+    "WalRecord",
     "Welcome",
     "decode_event",
     "decode_frame",
@@ -342,7 +349,58 @@ class Error(_Base, tag="error"):
     message: str
 
 
-Message = Union[Hello, Welcome, Ping, Pong, Batch, Ack, Nack, FlowControl, Error]
+class Goodbye(_Base, tag="goodbye"):
+    """A client's sequence-number stream ends cleanly: everything it recorded is
+    acknowledged and it keeps nothing to resend (no spill log). The daemon then retires
+    ``client_id``: it forgets the id's high-water mark and session (durably, through its
+    write-ahead log) and answers :class:`Farewell`.
+
+    Optional (no version bump): a daemon that predates it refuses it with a non-retryable
+    ``unknown_tag`` nack and keeps the id's mark, as before; a runtime that predates it
+    never sends it (the daemon prunes idle ids after ``--client-ttl-s`` instead).
+
+    A retired id may come back only as a fresh stream: Hello (the Welcome says
+    ``acked_through=0``) and sequence numbers from 1. A batch for it that starts later,
+    or any ``resync`` batch (a stale spill log replayed under it), is refused with a
+    non-retryable ``retired`` nack: the daemon no longer knows which of those events it
+    stored.
+    """
+
+    client_id: str
+    acked_through: int
+    """The last sequence number the client recorded, all acknowledged: the daemon retires
+    the id only if it stored exactly that much."""
+
+
+class Farewell(_Base, tag="farewell"):
+    """The daemon's answer to :class:`Goodbye`."""
+
+    client_id: str
+    retired: bool
+    """True: the id's state is gone (a later Hello for it starts a fresh stream)."""
+    reason: str = ""
+    """Why it was not retired (``retired=False``)."""
+
+
+Message = Union[Hello, Welcome, Ping, Pong, Batch, Ack, Nack, FlowControl, Error, Goodbye,
+                Farewell]
+
+
+class Retired(_Base, tag="retired"):
+    """A write-ahead log record, never a wire message: the daemon retired ``client_id``
+    after its :class:`Goodbye` (``reason="goodbye"``) or after it was idle past the
+    daemon's ``client_ttl_s`` (``reason="idle"``), having stored its events through
+    ``through``. Replay drops the id's high-water mark at the same point of the log, so
+    the id's earlier batches before it and a fresh stream from seq 1 after it both
+    replay as they were applied."""
+
+    client_id: str
+    through: int
+    reason: str
+
+
+WalRecord = Batch | Retired
+"""What a daemon's write-ahead log record holds."""
 
 
 # --------------------------------------------------------------------- encode/decode

@@ -51,7 +51,9 @@ from ._protocol import (
     Ack,
     Error,
     Event,
+    Farewell,
     FlowControl,
+    Goodbye,
     Hello,
     Nack,
     Ping,
@@ -230,6 +232,8 @@ class Runtime:
         self._lingering_open = False  # the sender sleeps in an open-rollout linger
         self._due = math.inf  # when the send loop's current wait ends at the latest
         self._warned_down = False
+        self._farewell: anyio.Event | None = None  # set when the daemon answers Goodbye
+        self._sender_done: anyio.Event | None = None  # set when _send_loop returns
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "events_submitted",
@@ -252,6 +256,8 @@ class Runtime:
                 "orphan_events_already_acked",
                 "paused_by_daemon",
                 "reconnects",
+                "goodbyes_sent",
+                "client_id_retired",
             ),
             0,
         )
@@ -538,11 +544,15 @@ class Runtime:
         if self.config.replay_orphans:
             self._adopt_orphans()
         self._stop = anyio.Event()
+        self._sender_done = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._recv_loop)
                 task_status.started()
-                await self._send_loop()
+                try:
+                    await self._send_loop()
+                finally:
+                    self._sender_done.set()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -614,6 +624,15 @@ class Runtime:
                 self._on_nack(msg)
             case Pong():
                 pass
+            case Farewell():
+                if msg.client_id == self.client_id:
+                    if msg.retired:
+                        self.counters["client_id_retired"] += 1
+                        logger.debug("runtime.client_id_retired", client_id=self.client_id)
+                    else:
+                        logger.info("runtime.goodbye_refused", reason=msg.reason)
+                    if self._farewell is not None:
+                        self._farewell.set()
             case FlowControl():
                 self._paused_until = time.monotonic() + msg.pause_s
                 self.counters["paused_by_daemon"] += 1
@@ -677,6 +696,16 @@ class Runtime:
                 logger.error("runtime.orphan_fenced", client_id=nack.client_id,
                              reason=nack.reason)
                 self._drop_orphan(orphan, delivered=False)
+            case "retired" if orphan is not None:
+                # the daemon retired this dead process's id (idle past its client TTL)
+                # and cannot tell which of the log's events it stored: leave the log
+                logger.error("runtime.orphan_client_id_retired", client_id=nack.client_id,
+                             path=str(orphan.path), reason=nack.reason,
+                             hint="the spill log stays on disk; its events were not sent")
+                self._drop_orphan(orphan, delivered=False)
+            case "unknown_tag" if self._farewell is not None and not self._farewell.is_set():
+                # a daemon that predates Goodbye: it keeps the id (its TTL prunes it)
+                self._farewell.set()
             case "fenced":
                 self.counters["fenced"] += 1
                 self._session = False  # say Hello again: it takes our client id back
@@ -731,6 +760,12 @@ class Runtime:
         if delivered:
             _remove_spill_dir(s.path, s.lock_fd)
             logger.info("runtime.orphan_spill_delivered", client_id=s.client_id)
+            if self._session and s.welcomed:
+                # the dead process's id has nothing left anywhere: let the daemon retire
+                # it (best effort, unanswered: if lost, its client TTL does)
+                self._send_raw(encode_message(Goodbye(client_id=s.client_id,
+                                                      acked_through=s.acked_through)))
+                self.counters["goodbyes_sent"] += 1
         else:  # undelivered records stay in their directory for a later process
             os.close(s.lock_fd)
 
@@ -753,6 +788,8 @@ class Runtime:
                     blocked = not self._pump(now)
             self._check_silence(now)
             if self._closing and (self._abandon or self._drained()):
+                if not self._abandon:
+                    await self._goodbye()
                 return
             self._maybe_finish_spill()
             for s in list(self._orphans):
@@ -780,6 +817,29 @@ class Runtime:
                 with anyio.move_on_after(timeout):
                     await self._wake.wait()
             self._wake.clear()
+
+    async def _goodbye(self) -> None:
+        """On a clean close with nothing left (every event acknowledged, no spill log),
+        tell the daemon this process's stream ends, so it can retire
+        this client id instead of keeping its mark until the client TTL; waits up to 1 s
+        for the answer. New events are refused from here on (``events_after_shutdown``):
+        one recorded after the Goodbye would otherwise be spilled under a retired id."""
+        if not self._session:
+            return
+        self._maybe_finish_spill()  # a spill log drained just now: dropped first
+        with self._lock:
+            if (self._queue or self._held or self._spill_unread or self._spilling
+                    or self._stream.inflight or self._stream.acked_through != self._next_seq - 1):
+                return
+            self._closed = True
+            through = self._stream.acked_through
+        self._farewell = anyio.Event()
+        if not self._send_raw(encode_message(Goodbye(client_id=self.client_id,
+                                                     acked_through=through))):
+            return
+        self.counters["goodbyes_sent"] += 1
+        with anyio.move_on_after(min(1.0, max(self.config.shutdown_grace_s, 0.05))):
+            await self._farewell.wait()
 
     def _linger_left(self, now: float) -> float:
         """Seconds to wait before sending a small batch (0: send now).
@@ -993,6 +1053,10 @@ class Runtime:
         with anyio.move_on_after(grace):
             while not self._drained():
                 await anyio.sleep(0.005)
+            if self._sender_done is not None:
+                # drained: the sender says Goodbye (waits at most 1 s for the answer)
+                self._wake.set()
+                await self._sender_done.wait()
         self._stop_now()
 
     def _stop_now(self) -> None:

@@ -16,12 +16,15 @@ from lightning._protocol import (
     Ack,
     Batch,
     Error,
+    Farewell,
     FlowControl,
+    Goodbye,
     Hello,
     Nack,
     Ping,
     Pong,
     Rejection,
+    Retired,
     Reward,
     RolloutEnd,
     RolloutStart,
@@ -76,6 +79,8 @@ SAMPLES = {
                  retry_after_s=0.0),
     "flow": FlowControl(pause_s=0.5, reason="full"),
     "error": Error(code="protocol_version", message="v2"),
+    "goodbye": Goodbye(client_id="c1", acked_through=7),
+    "farewell": Farewell(client_id="c1", retired=False, reason="x"),
 }
 
 # If one of these fails, the wire format changed: bump PROTOCOL_VERSION and follow the
@@ -90,7 +95,30 @@ GOLDEN = {
     "nack": "87a474797065a46e61636ba4636f6465a3676170a6726561736f6eaa65787065637465642033a9636c69656e745f6964a26331ac65787065637465645f73657103a57265747279c3ad72657472795f61667465725f73cb0000000000000000",
     "flow": "83a474797065a4666c6f77a770617573655f73cb3fe0000000000000a6726561736f6ea466756c6c",
     "error": "83a474797065a56572726f72a4636f6465b070726f746f636f6c5f76657273696f6ea76d657373616765a27632",
+    "goodbye": "83a474797065a7676f6f64627965a9636c69656e745f6964a26331ad61636b65645f7468726f75676807",
+    "farewell": "84a474797065a86661726577656c6ca9636c69656e745f6964a26331a772657469726564c2a6726561736f6ea178",
 }
+
+# The daemon's write-ahead log records besides Batch (never on the wire): pinned too, since
+# a data directory written by one version is recovered by the next.
+RETIRED = Retired(client_id="c1", through=7, reason="goodbye")
+RETIRED_GOLDEN = "84a474797065a772657469726564a9636c69656e745f6964a26331a77468726f75676807a6726561736f6ea7676f6f64627965"
+
+
+def test_wal_record_golden_bytes():
+    from lightning._protocol import WalRecord
+
+    assert msgspec.msgpack.encode(RETIRED).hex() == RETIRED_GOLDEN
+    assert msgspec.msgpack.decode(bytes.fromhex(RETIRED_GOLDEN), type=WalRecord) == RETIRED
+    batch = bytes.fromhex(GOLDEN["batch"])
+    assert msgspec.msgpack.decode(batch, type=WalRecord) == SAMPLES["batch"]
+
+
+def test_retired_is_not_a_wire_message():
+    # a client cannot forge the daemon's log record: it is an unknown tag on the wire
+    with pytest.raises(ProtocolError) as exc:
+        decode_message(bytes.fromhex(RETIRED_GOLDEN))
+    assert exc.value.code == "unknown_tag"
 
 
 # Welcome before its client_id field (added at the end with a default, rule 3): an older

@@ -93,3 +93,49 @@ def test_recovery_after_compaction_keeps_the_rollouts_still_open(tmp_path):
     (traj,) = [d2.buffer.get_nowait()]
     assert traj.rollout_id == "long" and traj.final_reward == 0.5 and len(traj.transitions) == 1
     d2._wal.close()
+
+
+async def test_compaction_while_serving_leaves_the_event_loop(tmp_path, monkeypatch):
+    """A commit while serving schedules the compaction; its file work (write, fsync,
+    rename, deleting segments) runs in a worker thread while ingest goes on."""
+    import threading
+
+    import anyio
+
+    import lightning._daemon as daemon_mod
+    from lightning.testing import MemoryHub
+
+    gate, entered = threading.Event(), threading.Event()
+    real = daemon_mod._write_snapshot
+
+    def slow_write(data_dir, data):
+        entered.set()
+        gate.wait(60)
+        real(data_dir, data)
+
+    monkeypatch.setattr(daemon_mod, "_write_snapshot", slow_write)
+    data = tmp_path / "data"
+    d = Daemon(DaemonConfig(data_dir=str(data), stats_interval_s=0, wal_compact_bytes=1),
+               transport=MemoryHub())
+    async with anyio.create_task_group() as tg:
+        await tg.start(d.serve)
+        start(d, "a")
+        end(d, "a")
+        d.buffer.commit(d.buffer.get_nowait().index)  # asks for a compaction
+        with anyio.fail_after(30):
+            while not entered.is_set():
+                await anyio.sleep(0.005)
+        # the snapshot write is stuck in its thread: the daemon still stores and hands out
+        start(d, "b")
+        end(d, "b")
+        assert d.buffer.get_nowait().rollout_id == "b"
+        d.buffer.commit(1)  # a compaction is running: not a second one
+        assert d.counters["wal_compactions"] == 0
+        gate.set()
+        with anyio.fail_after(30):
+            while d.counters["wal_compactions"] < 1:
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    state, pending, committed = recover(data)
+    assert (state.completed, pending, committed) == (2, [], 1)
+    assert state.counters["events_accepted"] == 6

@@ -18,10 +18,13 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_daemon import _end, _start, _tr
 
 from lightning._protocol import (
     PROTOCOL_VERSION,
     Ack,
+    Farewell,
+    Goodbye,
     Hello,
     Nack,
     Ping,
@@ -33,8 +36,6 @@ from lightning._protocol import (
     encode_message,
 )
 from lightning.testing import recover
-
-from test_daemon import _end, _start, _tr
 
 EXAMPLES = 200  # each example sends several frames (and a ping after each): >1,000 frames
 
@@ -112,10 +113,14 @@ op = st.one_of(
     st.tuples(st.just("message"), st.dictionaries(
         st.sampled_from(["type", "client_id", "first_seq", "events", "protocol_version",
                          "resync", "sent_at"]),
-        st.one_of(any_value, st.sampled_from(["batch", "hello", "ping", "ack", "welcome"])),
+        st.one_of(any_value, st.sampled_from(["batch", "hello", "ping", "ack", "welcome",
+                                              "goodbye", "farewell", "retired"])),
         max_size=5)),
     st.tuples(st.just("forged"), st.integers(1, 2**63), st.booleans()),
     st.tuples(st.just("hello_other_version"), st.integers(-(2**63), 2**63 - 1)),
+    # a Goodbye for our id from another connection, or from us with a mark we do not
+    # have: refused, our stream goes on
+    st.tuples(st.just("goodbye"), st.booleans(), st.integers(1, 2**63)),
 )
 
 
@@ -168,6 +173,12 @@ def test_fuzzed_frames_and_events_never_crash_and_lose_nothing(daemon_process, t
                     forged = encode_batch(me.cid, first, [encode_event(_start("evil"))], resync)
                     reply = other.call(forged)
                     assert isinstance(reply, Nack) and reply.code == "fenced"
+                case ("goodbye", forged, k):
+                    sender = other if forged else me
+                    through = min(me.seq + (0 if forged else k), 2**63)
+                    reply = sender.call(encode_message(Goodbye(client_id=me.cid,
+                                                               acked_through=through)))
+                    assert isinstance(reply, Farewell) and not reply.retired
                 case ("hello_other_version", v):
                     frame = encode_message(Hello(protocol_version=v, client_id=other.cid))
                     other.call(frame)  # Error for other versions; Welcome for ours
