@@ -64,6 +64,7 @@ from .make_data import generate
 __all__ = [
     "FEW_SHOT",
     "FEW_SHOT_CHAIN",
+    "FEW_SHOT_MIXED",
     "MAX_TOKENS",
     "MAX_TOOL_ITERATIONS",
     "SERVER_SCRIPT",
@@ -108,6 +109,14 @@ FEW_SHOT: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
      (("8 * 5 - 6", "34"),), "The answer is 34."),
     ("Tom has 20 dollars and buys 3 books at 4 dollars each. How many dollars are left?",
      (("20 - 3 * 4", "8"),), "The answer is 8."),
+)
+
+#: The curriculum design: one two-step example and one one-step example (the shape of the
+#: one-operation problems, which are 40 % of the data), the shortest last.
+FEW_SHOT_MIXED: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
+    FEW_SHOT[0],
+    ("Mia has 7 cards and gets 5 more. How many cards does Mia have now?",
+     (("7 + 5", "12"),), "The answer is 12."),
 )
 
 #: The other design measured: one step per call, two calls over two rounds, then the answer.
