@@ -1,7 +1,7 @@
 """Calc-X with AutoGen and an MCP calculator: multi-step word problems, tool rounds, reward.
 
-    lightning train --agent examples/calc_x/agent.py:agent --steps 8 --group-size 4 \\
-        --batch-size 8 --concurrency 8 --eval-tasks 40 --out runs/calc_x
+    lightning train --agent examples/calc_x/agent.py:agent --steps 4 --group-size 4 \\
+        --batch-size 8 --concurrency 16 --air --eval-tasks 30 --out runs/calc_x
 
 The agent is an AutoGen AgentChat ``AssistantAgent`` whose model client is AutoGen's own
 ``OpenAIChatCompletionClient`` pointed at ``lightning.llm()`` (the policy being trained;

@@ -1,7 +1,7 @@
 """Multi-hop retrieval QA: an OpenAI Agents SDK agent with a BM25 ``search`` tool.
 
-    lightning train --agent examples/rag/agent.py:agent --steps 8 --group-size 4 \
-        --batch-size 8 --concurrency 8 --eval-tasks 40 --air --out runs/rag
+    lightning train --agent examples/rag/agent.py:agent --steps 6 --group-size 4 \
+        --batch-size 8 --concurrency 20 --eval-tasks 40 --air --out runs/rag
 
 A two-hop question needs two facts from two passages ("In which city was the founder of
 Habeak Foods born?": the company's passage names the founder, the founder's passage the
