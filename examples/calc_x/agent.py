@@ -1,7 +1,7 @@
 """Calc-X with AutoGen and an MCP calculator: multi-step word problems, tool rounds, reward.
 
-    lightning train --agent examples/calc_x/agent.py:agent --steps 8 --group-size 4 \\
-        --batch-size 8 --concurrency 8 --eval-tasks 40 --out runs/calc_x
+    lightning train --agent examples/calc_x/agent.py:agent --steps 4 --group-size 4 \\
+        --batch-size 8 --concurrency 16 --air --eval-tasks 30 --out runs/calc_x
 
 The agent is an AutoGen AgentChat ``AssistantAgent`` whose model client is AutoGen's own
 ``OpenAIChatCompletionClient`` pointed at ``lightning.llm()`` (the policy being trained;
@@ -64,6 +64,7 @@ from .make_data import generate
 __all__ = [
     "FEW_SHOT",
     "FEW_SHOT_CHAIN",
+    "FEW_SHOT_MIXED",
     "MAX_TOKENS",
     "MAX_TOOL_ITERATIONS",
     "SERVER_SCRIPT",
@@ -108,6 +109,14 @@ FEW_SHOT: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
      (("8 * 5 - 6", "34"),), "The answer is 34."),
     ("Tom has 20 dollars and buys 3 books at 4 dollars each. How many dollars are left?",
      (("20 - 3 * 4", "8"),), "The answer is 8."),
+)
+
+#: The curriculum design: one two-step example and one one-step example (the shape of the
+#: one-operation problems, which are 40 % of the data), the shortest last.
+FEW_SHOT_MIXED: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
+    FEW_SHOT[0],
+    ("Mia has 7 cards and gets 5 more. How many cards does Mia have now?",
+     (("7 + 5", "12"),), "The answer is 12."),
 )
 
 #: The other design measured: one step per call, two calls over two rounds, then the answer.

@@ -1,6 +1,6 @@
-"""Generate the bundled multi-step Calc-X problems (``python examples/calc_x/make_data.py``).
+"""Generate the bundled Calc-X problems (``python examples/calc_x/make_data.py``).
 
-Word problems that take two or three arithmetic operations ("buys 3 packs of 12 and
+Word problems that take one, two or three arithmetic operations ("buys 3 packs of 12 and
 gives away 7..."), each with its gold ``answer`` (a positive integer: divisions are
 exact) and the gold ``expression`` that computes it in one line. They are made from
 :data:`TEMPLATES` with a seeded RNG, so the same seed always gives the same problems:
@@ -11,8 +11,11 @@ splits them after drawing, so the two splits share no question text; the split i
 ``(train, test)``. Running this file writes ``data/train.jsonl`` and ``data/test.jsonl``
 beside it from seed 0 (the files the example ships; a test checks they match).
 
-Two thirds of the problems take two operations and one third three, so a small model has
-problems it can solve (GRPO needs groups whose rewards differ) and a harder tail to learn.
+A curriculum mix (:data:`MIX`): 40 % of the problems take one operation on small numbers
+(``a + b`` with ``a, b <= 20``, a one-digit product...), 40 % two and 20 % three. A 135M
+model solves some of the one-operation problems from the start, so GRPO's groups differ in
+reward from the first step, while the two- and three-step problems are what it has to learn
+(with the calculator: the way to be right on them).
 """
 
 from __future__ import annotations
@@ -48,6 +51,24 @@ class Template(NamedTuple):
 
 def _r(rng: random.Random, lo: int, hi: int) -> int:
     return rng.randint(lo, hi)
+
+
+def _small_plus(rng: random.Random) -> dict[str, int]:
+    return {"a": _r(rng, 2, 20), "b": _r(rng, 2, 20)}
+
+
+def _small_minus(rng: random.Random) -> dict[str, int]:
+    a = _r(rng, 6, 30)
+    return {"a": a, "b": _r(rng, 1, a - 1)}
+
+
+def _small_times(rng: random.Random) -> dict[str, int]:
+    return {"a": _r(rng, 2, 9), "b": _r(rng, 2, 9)}
+
+
+def _small_div(rng: random.Random) -> dict[str, int]:
+    b = _r(rng, 2, 9)
+    return {"a": b * _r(rng, 2, 9), "b": b}
 
 
 def _packs_minus(rng: random.Random) -> dict[str, int]:
@@ -97,6 +118,14 @@ def _money(rng: random.Random) -> dict[str, int]:
 
 
 TEMPLATES: tuple[Template, ...] = (
+    Template(1, "{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+             _small_plus, "{a} + {b}"),
+    Template(1, "{name} has {a} {item} and gives {b} to a friend. How many {item} does {name} "
+             "have left?", _small_minus, "{a} - {b}"),
+    Template(1, "{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} "
+             "buy?", _small_times, "{a} * {b}"),
+    Template(1, "{a} {item} are shared equally among {b} children. How many {item} does each "
+             "child get?", _small_div, "{a} / {b}"),
     Template(2, "{name} buys {a} packs of {b} {item} and gives away {c}. How many {item} does "
              "{name} have now?", _packs_minus, "{a} * {b} - {c}"),
     Template(2, "A shop has {a} boxes with {b} {item} in each box and sells {c} {item}. How many "
@@ -121,6 +150,13 @@ TEMPLATES: tuple[Template, ...] = (
 )
 
 
+MIX: dict[int, float] = {1: 0.4, 2: 0.4, 3: 0.2}
+"""Share of the problems by operations: a curriculum mix (see the module docstring)."""
+
+_KINDS = tuple(sorted(MIX))
+_BY_OPS = {k: [i for i, t in enumerate(TEMPLATES) if t.ops == k] for k in _KINDS}
+
+
 def _answer(expression: str) -> int:
     # the generator's own expressions only (numbers and + - * / parentheses)
     from .calc_server import evaluate
@@ -143,7 +179,8 @@ def generate(n_train: int = 320, n_test: int = 80, *, seed: int = 0
     for _ in range(100 * (n_train + n_test)):
         if len(out) == n_train + n_test:
             break
-        t = rng.randrange(len(TEMPLATES))
+        ops = rng.choices(_KINDS, weights=[MIX[k] for k in _KINDS])[0]
+        t = rng.choice(_BY_OPS[ops])
         tpl = TEMPLATES[t]
         nums = tpl.draw(rng)
         question = tpl.text.format(name=rng.choice(_NAMES), item=rng.choice(_ITEMS), **nums)

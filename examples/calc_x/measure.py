@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature (training samples at the task's, default 1.0)")
-    p.add_argument("--shots", choices=("one-call", "chain"), default="one-call",
+    p.add_argument("--ops", type=int, default=None,
+                   help="only the held-out problems taking this many operations")
+    p.add_argument("--shots", choices=("one-call", "chain", "mixed"), default="one-call",
                    help="few-shot design: FEW_SHOT (one call with the whole calculation, then "
                    "the answer) or FEW_SHOT_CHAIN (one call per step, two rounds)")
     p.add_argument("--json", type=Path, default=None,
@@ -119,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(lightning.models.tiny_model_path())
     else:
         model_dir = args.model
-    tasks = dataset()[1][: args.tasks]
+    tasks = [t for t in dataset()[1] if args.ops is None or t["ops"] == args.ops][: args.tasks]
     global _stream, _temperature
     _temperature = args.temperature
     if args.shots == "chain":
         calc_agent.FEW_SHOT = calc_agent.FEW_SHOT_CHAIN
+    elif args.shots == "mixed":
+        calc_agent.FEW_SHOT = calc_agent.FEW_SHOT_MIXED
     if args.json is not None:
         _stream = args.json.open("w")
     summary = anyio.run(lambda: measure(model_dir, tasks, samples=args.samples,

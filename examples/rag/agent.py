@@ -1,7 +1,7 @@
 """Multi-hop retrieval QA: an OpenAI Agents SDK agent with a BM25 ``search`` tool.
 
-    lightning train --agent examples/rag/agent.py:agent --steps 8 --group-size 4 \
-        --batch-size 8 --concurrency 8 --eval-tasks 40 --air --out runs/rag
+    lightning train --agent examples/rag/agent.py:agent --steps 6 --group-size 4 \
+        --batch-size 8 --concurrency 20 --eval-tasks 40 --air --out runs/rag
 
 A two-hop question needs two facts from two passages ("In which city was the founder of
 Habeak Foods born?": the company's passage names the founder, the founder's passage the
@@ -14,7 +14,7 @@ the ``final_answer`` span.
 Design for a small policy (SmolLM2-135M-Instruct), measured in the README:
 
 - *The first search is given.* The input shows the model a finished call
-  ``search(question)`` and its results, as if it had made it; the model's first own turn
+  ``search(question)`` and its top result (:data:`FIRST_K`), as if it had made it; the model's first own turn
   then either answers or searches for the bridge entity it read. A 135M model almost
   never starts a tool call from an empty turn, but continues one it sees: the first
   search is the question itself (what any first search would be), so nothing is leaked,
@@ -24,7 +24,8 @@ Design for a small policy (SmolLM2-135M-Instruct), measured in the README:
   search -> results -> ``Answer: ...``), with entities absent from the corpus, show the
   ``<tool_call>{"name": "search", "arguments": {"query": ...}}</tool_call>`` format the
   chat template renders and the policy server parses.
-- *One-hop questions* of the same facts next to the two-hop ones (``make_data.py``):
+- *One-hop questions* of the same facts next to the two-hop ones (``make_data.py``), a
+  majority (5 of 8 templates, some with easy-to-copy answers: a year, a profession):
   answerable from the given search alone, so the untrained policy scores sometimes and
   GRPO groups differ from the start; two-hop questions pay only once the policy searches
   a second time, the step AIR's retrieval-hit reward shapes.
@@ -54,13 +55,13 @@ from . import data as _data
 from .index import Index
 from .metrics import best_em, best_f1
 
-__all__ = ["FEW_SHOT", "INSTRUCTIONS", "RetrievalMiss", "agent", "dataset", "extract_answer",
+__all__ = ["FEW_SHOT", "FIRST_K", "INSTRUCTIONS", "RetrievalMiss", "agent", "dataset", "extract_answer",
            "format_results", "get_index", "retrieve"]
 
 INSTRUCTIONS = (
-    "You answer questions using a search tool over an encyclopedia. Every question needs "
-    "two facts: read the search results, search for the name they give you, then reply "
-    "with 'Answer: ' and the short answer only."
+    "You answer questions using a search tool over an encyclopedia. If the search result "
+    "does not answer the question, search for the name it gives you. Reply with 'Answer: ' "
+    "and the short answer only, copied from the result."
 )
 
 #: A worked example (entities not in the bundled corpus): (question, [(query, results)],
@@ -76,6 +77,13 @@ FEW_SHOT: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
 )
 
 DEFAULT_K = 3
+"""Passages per search the model makes."""
+FIRST_K = 1
+"""Passages in the given first search (``task["first_k"]`` overrides): the top passage
+only, so the model reads one short passage, and for a one-hop question the answer is in
+it (BM25 on the question ranks the passage of the entity it names first: all 244 held-out
+questions). With 3 passages (and a two-hop majority) SmolLM2-135M scored 0 of 77; see the
+README for the redesign's base rate."""
 DEFAULT_MAX_TURNS = 4
 DEFAULT_MAX_TOKENS = 32
 #: Sampling temperature unless the task sets one: at 1.0 SmolLM2-135M's answers are
@@ -228,7 +236,7 @@ async def agent(task: dict[str, Any]) -> float:
     first = None
     if task.get("initial_search", True):
         first = format_results(get_index(task.get("index")).search(
-            task["question"], int(task.get("k", DEFAULT_K))))
+            task["question"], int(task.get("first_k", FIRST_K))))
     sdk_agent = _sdk_agent(task, ep)
     items = build_input(task["question"], first)
     config = agents.RunConfig(tracing_disabled=True)
@@ -253,12 +261,12 @@ async def agent(task: dict[str, Any]) -> float:
     f1, em = best_f1(answer, golds), best_em(answer, golds)
     lightning.emit_span("final_answer", attributes={
         "answer": answer, "text": text[:2000], "f1": f1, "em": em, "error": error,
-        "hops": task.get("hops")})
+        "hops": task.get("hops"), "template": task.get("template")})
     return f1
 
 
 def dataset(seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(train, test)``: the bundled generated questions (438 train, 152 test; one- and
+    """``(train, test)``: the bundled generated questions (696 train, 244 test; one- and
     two-hop, see ``make_data.py``)."""
     return _data.bundled(seed=seed)
 

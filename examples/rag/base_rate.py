@@ -99,6 +99,7 @@ def _summarise(trajs: list[Any], tasks: list[dict[str, Any]], samples: int,
     f1s, ems, searched, hit_any, answered, turns = [], [], [], [], [], []
     samples_out = []
     by_hops: dict[str, list[float]] = {}
+    by_template: dict[str, list[float]] = {}
     for t in trajs:
         fa = [s for s in t.spans if s.name == "final_answer"]
         own = [s for s in t.spans if s.kind == "tool" and s.name == "search"]
@@ -111,6 +112,7 @@ def _summarise(trajs: list[Any], tasks: list[dict[str, Any]], samples: int,
         hit_any.append(float(any(s.status == "ok" for s in own)))
         turns.append(len(t.transitions))
         by_hops.setdefault(str(fa[-1].attributes.get("hops")), []).append(f1s[-1])
+        by_template.setdefault(str(fa[-1].attributes.get("template")), []).append(f1s[-1])
         if len(samples_out) < 8:
             samples_out.append((fa[-1].attributes["text"][:120], fa[-1].attributes["f1"]))
     return {
@@ -123,6 +125,7 @@ def _summarise(trajs: list[Any], tasks: list[dict[str, Any]], samples: int,
         "wall_s": round(wall, 1),
         "rewards_nonzero": sum(1 for x in f1s if x > 0),
         "f1_by_hops": {h: (len(v), *_mean_se(v)) for h, v in sorted(by_hops.items())},
+        "f1_by_template": {h: (len(v), *_mean_se(v)) for h, v in sorted(by_template.items())},
         "examples": samples_out,
     }
 
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--no-initial-search", action="store_true")
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--first-k", type=int, default=None,
+                   help="passages in the given first search (default: the agent's FIRST_K)")
     p.add_argument("--time-limit", type=float, default=270.0,
                    help="seconds; rollouts not done by then are left out")
     args = p.parse_args(argv)
@@ -153,13 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir = Path(args.model)
     _, test = dataset()
+    extra = {} if args.first_k is None else {"first_k": args.first_k}
     tasks = [{**t, "initial_search": not args.no_initial_search,
-              "temperature": args.temperature} for t in test[args.offset : args.offset + args.tasks]]
+              "temperature": args.temperature, **extra}
+             for t in test[args.offset : args.offset + args.tasks]]
     anyio.run(functools.partial(measure, tasks, model_dir, concurrency=args.concurrency,
                                       samples=args.samples, time_limit_s=args.time_limit),
                     backend="asyncio")
     print(json.dumps({"initial_search": not args.no_initial_search,
-                      "temperature": args.temperature, "offset": args.offset}))
+                      "temperature": args.temperature, "offset": args.offset,
+                      "first_k": args.first_k}))
     return 0
 
 

@@ -19,10 +19,14 @@ passages, found by two searches, the second query built from what the first retu
   company passage (headquarters city) -> city passage (country)
 
 and, so that a small policy that does not yet search again can score (see the agent's
-docstring), the one-hop questions of the same facts:
+docstring), the one-hop questions of the same passages, a majority (5 of 8 per company and
+person pair of templates), some with answers that are easy to copy (a year, a profession):
 
 - ``founder``: "Who founded <company>?" (company passage)
+- ``founded_year``: "In which year was <company> founded?" (company passage)
+- ``hq_city``: "In which city is <company> headquartered?" (company passage)
 - ``birth_city``: "In which city was <person> born?" (person passage)
+- ``profession``: "What is the profession of <person>?" (person passage)
 
 Train and test are disjoint by *first-hop entity*: every question about a given company
 or person is in one split only (the passages are shared: it is one encyclopedia).
@@ -105,7 +109,8 @@ def generate(*, seed: int = 0, n_countries: int = 10, n_cities: int = 40, n_peop
     for c in cities:
         passage(c, f"{c} is a {rng.choice(_CITY_WORDS)} in {country_of[c]}.")
     for p in people:
-        passage(p, f"{p} is a {job[p]} who was born in {born_in[p]}.")
+        article = "an" if job[p][0] in "aeiou" else "a"
+        passage(p, f"{p} is {article} {job[p]} who was born in {born_in[p]}.")
     for c in companies:
         passage(c, f"{c} is a company founded in {year[c]} by {founder[c]}. "
                    f"Its headquarters are in {hq[c]}.")
@@ -122,6 +127,10 @@ def generate(*, seed: int = 0, n_countries: int = 10, n_cities: int = 40, n_peop
              "template": "hq_country", "hops": 2},
             {"question": f"Who founded {c}?", "answers": [p], "supporting": [pid[c]],
              "template": "founder", "hops": 1},
+            {"question": f"In which year was {c} founded?", "answers": [str(year[c])],
+             "supporting": [pid[c]], "template": "founded_year", "hops": 1},
+            {"question": f"In which city is {c} headquartered?", "answers": [hq[c]],
+             "supporting": [pid[c]], "template": "hq_city", "hops": 1},
         ]
     for p in people:
         questions[p] = [
@@ -130,6 +139,8 @@ def generate(*, seed: int = 0, n_countries: int = 10, n_cities: int = 40, n_peop
              "template": "person_country", "hops": 2},
             {"question": f"In which city was {p} born?", "answers": [born_in[p]],
              "supporting": [pid[p]], "template": "birth_city", "hops": 1},
+            {"question": f"What is the profession of {p}?", "answers": [job[p]],
+             "supporting": [pid[p]], "template": "profession", "hops": 1},
         ]
     firsts_hop = list(questions)
     rng.shuffle(firsts_hop)

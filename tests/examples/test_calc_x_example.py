@@ -149,10 +149,13 @@ def test_generator_is_deterministic_and_disjoint():
     assert not {t["question"] for t in train} & {t["question"] for t in test}
     assert len({t["question"] for t in train + test}) == 400
     for t in train + test:
-        assert t["ops"] in (2, 3)
+        assert t["ops"] in (1, 2, 3)
         assert evaluate(t["expression"]) == t["answer"] > 0
         assert all(str(n) in t["question"] for n in _numbers(t["expression"]))
-    assert {t["ops"] for t in test} == {2, 3}
+    assert {t["ops"] for t in test} == {1, 2, 3}
+    # the curriculum mix: one-operation problems for a signal from the start, not a majority
+    share = {k: sum(t["ops"] == k for t in train + test) / 400 for k in (1, 2, 3)}
+    assert 0.3 < share[1] < 0.5 and 0.3 < share[2] < 0.5 and 0.1 < share[3] < 0.3
 
 
 def _numbers(expression: str) -> list[int]:
