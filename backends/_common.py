@@ -33,16 +33,16 @@ from lightning.training.batch import TrainBatch, resolve_sampling
 
 __all__ = [
     "LossSettings",
-    "TrainSettings",
-    "as_settings",
     "StepSums",
+    "TrainSettings",
     "action_logprobs",
     "agg_units",
+    "as_settings",
     "check_batch",
     "micro_batch_loss",
+    "policy_loss",
     "require_ref_logprobs",
     "scalar_sampling_problem",
-    "policy_loss",
     "step_metrics",
 ]
 
@@ -150,6 +150,7 @@ def as_settings(config: Any, cls: type[_S], backend: str) -> _S:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid {backend} backend config: {exc}") from exc
 
+
 class LossSettings(Protocol):
     """The loss fields a backend config carries (see ``TorchBackendConfig`` for meanings)."""
 
@@ -181,8 +182,17 @@ class StepSums:
     entropy: float = 0.0
     gaps: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
-    _SUMMED = ("policy", "kl", "clip_frac", "approx_kl", "gap", "ratio_mean", "clip_low",
-               "clip_high", "entropy")
+    _SUMMED = (
+        "policy",
+        "kl",
+        "clip_frac",
+        "approx_kl",
+        "gap",
+        "ratio_mean",
+        "clip_low",
+        "clip_high",
+        "entropy",
+    )
 
     def to_tensor(self) -> torch.Tensor:
         """float64 ``[9]`` of the summed stats (for an all-reduce across ranks)."""
@@ -322,7 +332,11 @@ def micro_batch_loss(
 
 
 def _add_token_stats(
-    lp: torch.Tensor, mb: TrainBatch, cfg: LossSettings, tok_w: float, sums: StepSums,
+    lp: torch.Tensor,
+    mb: TrainBatch,
+    cfg: LossSettings,
+    tok_w: float,
+    sums: StepSums,
     entropy: torch.Tensor | None,
 ) -> None:
     """Trainer-vs-sampler gap (mean, and the tokens for the p99), ratio mean, the fractions

@@ -83,9 +83,9 @@ from lightning.training.batch import TrainBatch, split_by_token_budget
 from ._common import (
     NoReferenceSettings,
     StepSums,
-    as_settings,
     action_logprobs,
     agg_units,
+    as_settings,
     check_batch,
     micro_batch_loss,
     require_ref_logprobs,
@@ -117,7 +117,9 @@ _CMD_KEY = "lightning/deepspeed/cmd/"
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-class DeepSpeedBackendConfig(NoReferenceSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DeepSpeedBackendConfig(
+    NoReferenceSettings, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
     """Settings of :class:`DeepSpeedBackend` (load with ``msgspec.toml.decode(data, type=...)``).
 
     The loss fields mean the same as in ``TorchBackendConfig``.
@@ -178,6 +180,7 @@ def map_deepspeed_exceptions(what: str) -> Iterator[None]:
 
 def _as_config(config: Any) -> DeepSpeedBackendConfig:
     return as_settings(config, DeepSpeedBackendConfig, "deepspeed")
+
 
 def _bf16(cfg: DeepSpeedBackendConfig) -> bool:
     if cfg.dtype is not None:
@@ -595,8 +598,9 @@ class DeepSpeedBackend:
                 tok_w = float(mb.action_mask.sum()) / n_act * (scale > 0)
                 engine.set_gradient_accumulation_boundary(i == rounds - 1)
                 lp, ent = engine(mb, return_entropy=True)  # [T_mb], [T_mb]
-                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums,
-                                        entropy=ent)
+                loss = micro_batch_loss(
+                    lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums, entropy=ent
+                )
                 engine.backward(loss, scale_wrt_gas=False)
             own_norm = self._plain_grad_norm()
             engine.step()
@@ -604,8 +608,9 @@ class DeepSpeedBackend:
             grad_norm = float(norm) if norm is not None else own_norm
             self.step += 1
             # the stats were weighted with the x N loss scale: undo it, then sum over ranks
-            sums = dataclasses.replace(sums, policy=sums.policy / self._world,
-                                       kl=sums.kl / self._world)
+            sums = dataclasses.replace(
+                sums, policy=sums.policy / self._world, kl=sums.kl / self._world
+            )
             if self._world > 1:  # the p99 stays this rank's own tokens'
                 t = sums.to_tensor().to(self._device)  # [9]
                 dist.all_reduce(t)

@@ -46,9 +46,9 @@ from lightning.training.batch import TrainBatch, split_by_token_budget
 from ._common import (
     StepSums,
     TrainSettings,
-    as_settings,
     action_logprobs,
     agg_units,
+    as_settings,
     check_batch,
     micro_batch_loss,
     step_metrics,
@@ -103,6 +103,7 @@ def map_torch_exceptions(what: str) -> Iterator[None]:
 
 def _as_config(config: Any) -> TorchBackendConfig:
     return as_settings(config, TorchBackendConfig, "torch")
+
 
 def _pick_device_dtype(cfg: TorchBackendConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -220,7 +221,11 @@ class TorchBackend:
         grad is enabled."""
         decoder, weight = self._decoder_and_head()
         return action_logprobs(
-            decoder, weight, mb, temperature=self._cfg.temperature, impl=self._cfg.logprob_impl,
+            decoder,
+            weight,
+            mb,
+            temperature=self._cfg.temperature,
+            impl=self._cfg.logprob_impl,
             return_entropy=return_entropy,
         )  # [T_mb] (, [T_mb])
 
@@ -247,8 +252,11 @@ class TorchBackend:
         try:
             with ctx, map_torch_exceptions("computing reference log-probs"):
                 for mb in split_by_token_budget(batch, cfg.micro_batch_tokens):
-                    parts.append(action_logprobs(decoder, weight, mb, temperature=cfg.temperature,
-                                                 impl=cfg.logprob_impl))  # [T_mb]
+                    parts.append(
+                        action_logprobs(
+                            decoder, weight, mb, temperature=cfg.temperature, impl=cfg.logprob_impl
+                        )
+                    )  # [T_mb]
         finally:
             self._model.train(was_training)
         return torch.cat(parts)  # [T]
@@ -300,8 +308,9 @@ class TorchBackend:
                 w = units / total_units  # share of the big batch's aggregation
                 tok_w = float(mb.action_mask.sum()) / n_act
                 lp, ent = self._action_logprobs(mb, return_entropy=True)  # [T_mb], [T_mb]
-                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums,
-                                        entropy=ent)
+                loss = micro_batch_loss(
+                    lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums, entropy=ent
+                )
                 loss.backward()
             skipped = total_units == 0
             params = [p for g in self._optimizer.param_groups for p in g["params"]]
