@@ -50,6 +50,8 @@ from ._common import (
     agg_units,
     as_settings,
     check_batch,
+    check_optimizer_impl,
+    make_adamw,
     micro_batch_loss,
     step_metrics,
 )
@@ -80,9 +82,16 @@ class TorchBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknow
     on CPU."""
     logprob_impl: str | None = None
     """Log-prob kernel (``reference``, ``cpp``, ``triton``); ``None`` = fastest available."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """AdamW's update kernel: ``auto`` = ``fused`` where torch supports it for the trained
+    parameters (CPU and CUDA, floating point), else ``foreach`` on CUDA, else ``for-loop``.
+    All compute the same update up to fp32 rounding; the choice is logged once at setup
+    (``backend.optimizer``). SmolLM2-135M on 2 CPU cores: fused ~4x faster than for-loop
+    (torch's own default on CPU)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_optimizer_impl(self.optimizer_impl)
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
 
@@ -126,6 +135,8 @@ class TorchBackend:
         self._reference: Any = None  # frozen copy of the initial weights (kl_coef > 0, no LoRA)
         self.step = 0
         """Optimizer steps taken (restored by :meth:`load`)."""
+        self.optimizer_impl = ""
+        """AdamW's update kernel chosen at setup (``fused``, ``foreach`` or ``for-loop``)."""
 
     # ------------------------------------------------------------------ setup
 
@@ -198,8 +209,8 @@ class TorchBackend:
             # model's weights in memory; LoRA needs none: the adapter is switched off)
             self._reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
-        self._optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        self._optimizer, self.optimizer_impl = make_adamw(
+            params, cfg, cfg.optimizer_impl, backend="torch"
         )
         self.step = 0
 
