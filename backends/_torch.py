@@ -31,7 +31,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -324,11 +323,9 @@ class TorchBackend:
                 )
                 loss.backward()
             skipped = total_units == 0
-            params = [p for g in self._optimizer.param_groups for p in g["params"]]
             grad_norm = 0.0
             if not skipped:
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = self._clip_grad_norm(cfg.max_grad_norm)
                 self._optimizer.step()
                 self.step += 1
             self._optimizer.zero_grad(set_to_none=True)
@@ -344,6 +341,20 @@ class TorchBackend:
             t0=t0,
             step=self.step,
         )
+
+    def _clip_grad_norm(self, max_norm: float | None) -> float:
+        """The global L2 norm of the gradients, which are scaled down to ``max_norm`` when it
+        is larger: bit for bit ``clip_grad_norm_``, minus its pass over every gradient that
+        multiplies by exactly 1.0 when the norm is within bounds (or ``max_norm`` is None)."""
+        assert self._optimizer is not None
+        params = [p for g in self._optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # []
+        if max_norm is not None and not bool(max_norm / (norm + 1e-6) >= 1.0):
+            # the coefficient torch's clip computes is < 1 (or NaN: as clip_grad_norm_ does,
+            # the gradients are multiplied by it)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
 
     # ------------------------------------------------------------------ weights
 
