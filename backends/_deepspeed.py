@@ -42,7 +42,8 @@ Configuration
     is the base and wins where it sets a key; the fields fill in what it leaves out
     (``zero_optimization.stage``, ``bf16``, ``gradient_clipping``, and, when it has no
     ``optimizer`` section, ``torch.optim.AdamW`` from ``lr``/``betas``/``eps``/
-    ``weight_decay``: the torch backend's optimizer, no JIT build). ``optimizer`` and
+    ``weight_decay`` with the ``optimizer_impl`` kernel: the torch backend's optimizer,
+    fused on CPU and CUDA, no JIT build). ``optimizer`` and
     ``scheduler`` sections are DeepSpeed's own (e.g. ``AdamW`` with ``torch_adam``,
     ``WarmupLR``, ``WarmupCosineLR``). Batch-size keys must be absent or ``"auto"``:
     micro-batching is by tokens. Everything is validated, DeepSpeed's parser included,
@@ -83,10 +84,12 @@ from lightning.training.batch import TrainBatch, split_by_token_budget
 from ._common import (
     NoReferenceSettings,
     StepSums,
-    as_settings,
     action_logprobs,
     agg_units,
+    as_settings,
     check_batch,
+    check_optimizer_impl,
+    make_adamw,
     micro_batch_loss,
     require_ref_logprobs,
     step_metrics,
@@ -117,7 +120,9 @@ _CMD_KEY = "lightning/deepspeed/cmd/"
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-class DeepSpeedBackendConfig(NoReferenceSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DeepSpeedBackendConfig(
+    NoReferenceSettings, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
     """Settings of :class:`DeepSpeedBackend` (load with ``msgspec.toml.decode(data, type=...)``).
 
     The loss fields mean the same as in ``TorchBackendConfig``.
@@ -138,6 +143,10 @@ class DeepSpeedBackendConfig(NoReferenceSettings, frozen=True, kw_only=True, for
     bfloat16 keeps fp32 master weights in DeepSpeed's optimizer."""
     logprob_impl: str | None = None
     """Log-prob kernel (``reference``, ``cpp``, ``triton``); ``None`` = fastest available."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """The update kernel of the ``torch.optim.AdamW`` this backend builds when
+    ``deepspeed_config`` has no ``optimizer`` section (as ``TorchBackendConfig``'s: ``auto``
+    = fused where torch supports it); with an ``optimizer`` section it must stay ``auto``."""
     export_group_elements: int = 50_000_000
     """ZeRO-3 weight export gathers at most about this many parameter elements at once."""
     export_device: Literal["train", "cpu"] = "train"
@@ -151,6 +160,7 @@ class DeepSpeedBackendConfig(NoReferenceSettings, frozen=True, kw_only=True, for
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_optimizer_impl(self.optimizer_impl)
         if self.export_group_elements < 1:
             raise ValueError(
                 f"export_group_elements must be >= 1, got {self.export_group_elements}"
@@ -178,6 +188,7 @@ def map_deepspeed_exceptions(what: str) -> Iterator[None]:
 
 def _as_config(config: Any) -> DeepSpeedBackendConfig:
     return as_settings(config, DeepSpeedBackendConfig, "deepspeed")
+
 
 def _bf16(cfg: DeepSpeedBackendConfig) -> bool:
     if cfg.dtype is not None:
@@ -212,6 +223,12 @@ def resolve_deepspeed_config(cfg: DeepSpeedBackendConfig) -> dict[str, Any]:
                 "backend accumulates whole micro-batches of micro_batch_tokens tokens per step"
             )
         ds.pop(key, None)
+    if "optimizer" in ds and cfg.optimizer_impl != "auto":
+        raise ConfigError(
+            f"optimizer_impl={cfg.optimizer_impl!r} sets the kernel of the backend's own AdamW, "
+            "but deepspeed_config has an optimizer section, which DeepSpeed builds itself: "
+            'remove one of the two (optimizer_impl = "auto" keeps the section)'
+        )
     if (ds.get("fp16") or {}).get("enabled", False):
         raise ConfigError(
             "deepspeed_config enables fp16, which this backend does not support; "
@@ -309,6 +326,9 @@ class DeepSpeedBackend:
         self._closed = False
         self.step = 0
         """Optimizer steps taken (restored by :meth:`load`)."""
+        self.optimizer_impl = ""
+        """AdamW's update kernel chosen at setup (``fused``, ``foreach``, ``for-loop``), or
+        ``deepspeed_config`` when its ``optimizer`` section builds the optimizer."""
 
     # ------------------------------------------------------------------ setup
 
@@ -396,14 +416,13 @@ class DeepSpeedBackend:
             model.config.use_cache = False
         module = _PolicyLogprobs(model, temperature=cfg.temperature, impl=cfg.logprob_impl)
         module.train()
-        optimizer = None
+        optimizer, self.optimizer_impl = None, "deepspeed_config"
         if "optimizer" not in ds_config:
-            optimizer = torch.optim.AdamW(
+            optimizer, self.optimizer_impl = make_adamw(
                 [p for p in module.parameters() if p.requires_grad],
-                lr=cfg.lr,
-                betas=cfg.betas,
-                eps=cfg.eps,
-                weight_decay=cfg.weight_decay,
+                cfg,
+                cfg.optimizer_impl,
+                backend="deepspeed",
             )
         with map_deepspeed_exceptions("deepspeed.initialize"):
             engine, *_ = deepspeed.initialize(
@@ -595,8 +614,9 @@ class DeepSpeedBackend:
                 tok_w = float(mb.action_mask.sum()) / n_act * (scale > 0)
                 engine.set_gradient_accumulation_boundary(i == rounds - 1)
                 lp, ent = engine(mb, return_entropy=True)  # [T_mb], [T_mb]
-                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums,
-                                        entropy=ent)
+                loss = micro_batch_loss(
+                    lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums, entropy=ent
+                )
                 engine.backward(loss, scale_wrt_gas=False)
             own_norm = self._plain_grad_norm()
             engine.step()
@@ -604,8 +624,9 @@ class DeepSpeedBackend:
             grad_norm = float(norm) if norm is not None else own_norm
             self.step += 1
             # the stats were weighted with the x N loss scale: undo it, then sum over ranks
-            sums = dataclasses.replace(sums, policy=sums.policy / self._world,
-                                       kl=sums.kl / self._world)
+            sums = dataclasses.replace(
+                sums, policy=sums.policy / self._world, kl=sums.kl / self._world
+            )
             if self._world > 1:  # the p99 stays this rank's own tokens'
                 t = sums.to_tensor().to(self._device)  # [9]
                 dist.all_reduce(t)

@@ -31,7 +31,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -46,10 +45,12 @@ from lightning.training.batch import TrainBatch, split_by_token_budget
 from ._common import (
     StepSums,
     TrainSettings,
-    as_settings,
     action_logprobs,
     agg_units,
+    as_settings,
     check_batch,
+    check_optimizer_impl,
+    make_adamw,
     micro_batch_loss,
     step_metrics,
 )
@@ -80,9 +81,16 @@ class TorchBackendConfig(TrainSettings, frozen=True, kw_only=True, forbid_unknow
     on CPU."""
     logprob_impl: str | None = None
     """Log-prob kernel (``reference``, ``cpp``, ``triton``); ``None`` = fastest available."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """AdamW's update kernel: ``auto`` = ``fused`` where torch supports it for the trained
+    parameters (CPU and CUDA, floating point), else ``foreach`` on CUDA, else ``for-loop``.
+    All compute the same update up to fp32 rounding; the choice is logged once at setup
+    (``backend.optimizer``). SmolLM2-135M on 2 CPU cores: fused ~4x faster than for-loop
+    (torch's own default on CPU)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_optimizer_impl(self.optimizer_impl)
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
 
@@ -103,6 +111,7 @@ def map_torch_exceptions(what: str) -> Iterator[None]:
 
 def _as_config(config: Any) -> TorchBackendConfig:
     return as_settings(config, TorchBackendConfig, "torch")
+
 
 def _pick_device_dtype(cfg: TorchBackendConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -125,6 +134,8 @@ class TorchBackend:
         self._reference: Any = None  # frozen copy of the initial weights (kl_coef > 0, no LoRA)
         self.step = 0
         """Optimizer steps taken (restored by :meth:`load`)."""
+        self.optimizer_impl = ""
+        """AdamW's update kernel chosen at setup (``fused``, ``foreach`` or ``for-loop``)."""
 
     # ------------------------------------------------------------------ setup
 
@@ -197,8 +208,8 @@ class TorchBackend:
             # model's weights in memory; LoRA needs none: the adapter is switched off)
             self._reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
-        self._optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        self._optimizer, self.optimizer_impl = make_adamw(
+            params, cfg, cfg.optimizer_impl, backend="torch"
         )
         self.step = 0
 
@@ -220,7 +231,11 @@ class TorchBackend:
         grad is enabled."""
         decoder, weight = self._decoder_and_head()
         return action_logprobs(
-            decoder, weight, mb, temperature=self._cfg.temperature, impl=self._cfg.logprob_impl,
+            decoder,
+            weight,
+            mb,
+            temperature=self._cfg.temperature,
+            impl=self._cfg.logprob_impl,
             return_entropy=return_entropy,
         )  # [T_mb] (, [T_mb])
 
@@ -247,8 +262,11 @@ class TorchBackend:
         try:
             with ctx, map_torch_exceptions("computing reference log-probs"):
                 for mb in split_by_token_budget(batch, cfg.micro_batch_tokens):
-                    parts.append(action_logprobs(decoder, weight, mb, temperature=cfg.temperature,
-                                                 impl=cfg.logprob_impl))  # [T_mb]
+                    parts.append(
+                        action_logprobs(
+                            decoder, weight, mb, temperature=cfg.temperature, impl=cfg.logprob_impl
+                        )
+                    )  # [T_mb]
         finally:
             self._model.train(was_training)
         return torch.cat(parts)  # [T]
@@ -300,15 +318,14 @@ class TorchBackend:
                 w = units / total_units  # share of the big batch's aggregation
                 tok_w = float(mb.action_mask.sum()) / n_act
                 lp, ent = self._action_logprobs(mb, return_entropy=True)  # [T_mb], [T_mb]
-                loss = micro_batch_loss(lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums,
-                                        entropy=ent)
+                loss = micro_batch_loss(
+                    lp, mb, cfg, w=w, tok_w=tok_w, use_kl=use_kl, sums=sums, entropy=ent
+                )
                 loss.backward()
             skipped = total_units == 0
-            params = [p for g in self._optimizer.param_groups for p in g["params"]]
             grad_norm = 0.0
             if not skipped:
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = self._clip_grad_norm(cfg.max_grad_norm)
                 self._optimizer.step()
                 self.step += 1
             self._optimizer.zero_grad(set_to_none=True)
@@ -324,6 +341,20 @@ class TorchBackend:
             t0=t0,
             step=self.step,
         )
+
+    def _clip_grad_norm(self, max_norm: float | None) -> float:
+        """The global L2 norm of the gradients, which are scaled down to ``max_norm`` when it
+        is larger: bit for bit ``clip_grad_norm_``, minus its pass over every gradient that
+        multiplies by exactly 1.0 when the norm is within bounds (or ``max_norm`` is None)."""
+        assert self._optimizer is not None
+        params = [p for g in self._optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # []
+        if max_norm is not None and not bool(max_norm / (norm + 1e-6) >= 1.0):
+            # the coefficient torch's clip computes is < 1 (or NaN: as clip_grad_norm_ does,
+            # the gradients are multiplied by it)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
 
     # ------------------------------------------------------------------ weights
 
